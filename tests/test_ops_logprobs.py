@@ -19,7 +19,7 @@ def _logits(shape, seed=0, scale=3.0):
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 1024])
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 1024])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_selective_log_softmax_matches_trl(chunk_size, temperature):
     logits = _logits((3, 7, 50))
@@ -62,7 +62,8 @@ def test_log_probs_are_nonpositive_for_peaked_logits():
     assert np.all(np.asarray(out) <= 0)
 
 
-def test_gradient_equals_naive():
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_gradient_equals_naive(chunk_size):
     logits = jnp.asarray(_logits((3, 5, 30), seed=7))
     index = jnp.asarray(np.random.default_rng(8).integers(0, 30, size=(3, 5)))
     w = jnp.asarray(np.random.default_rng(9).normal(size=(3, 5)).astype(np.float32))
@@ -72,16 +73,17 @@ def test_gradient_equals_naive():
         return jnp.sum(lp * w)
 
     def ours(lg):
-        return jnp.sum(selective_log_softmax(lg, index, temperature=0.9, chunk_size=4) * w)
+        return jnp.sum(selective_log_softmax(lg, index, temperature=0.9, chunk_size=chunk_size) * w)
 
     np.testing.assert_allclose(np.asarray(jax.grad(ours)(logits)), np.asarray(jax.grad(naive)(logits)), atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_size", [3, 128])
+@pytest.mark.parametrize("chunk_size", [None, 3, 128])
 def test_entropy_matches_trl(chunk_size):
     logits = _logits((2, 5, 33), seed=10)
-    ref = trl_utils.entropy_from_logits(torch.tensor(logits), chunk_size=chunk_size).numpy()
+    ref = trl_utils.entropy_from_logits(torch.tensor(logits), chunk_size=chunk_size or 128).numpy()
     ours = entropy_from_logits(jnp.asarray(logits), chunk_size=chunk_size)
+    assert ours.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5)
 
 
@@ -153,3 +155,23 @@ def test_fused_path_never_holds_full_logits():
     temp = compiled.memory_analysis().temp_size_in_bytes
     full_logits = n * v * 4
     assert temp < full_logits / 4, (temp, full_logits)
+
+
+def _temp_bytes(fn, *specs):
+    return jax.jit(fn).lower(*specs).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_selective_log_softmax_holds_no_full_fp32_copy():
+    """XLA memory analysis: the fused default needs no [N, V] temporary, forward or backward; the chunked mode is
+    bounded by a few chunks. (fp32 logits: XLA:CPU upcasts bf16 arrays whole, see the module docstring.)"""
+    n, v = 512, 8192
+    logits = jax.ShapeDtypeStruct((n, v), jnp.float32)
+    index = jax.ShapeDtypeStruct((n,), jnp.int32)
+    full = n * v * 4
+    fused = lambda lg, ix: selective_log_softmax(lg, ix)
+    assert _temp_bytes(fused, logits, index) < full / 16
+    assert _temp_bytes(jax.grad(lambda lg, ix: fused(lg, ix).sum()), logits, index) < full / 16
+    chunk = 64
+    chunked = lambda lg, ix: selective_log_softmax(lg, ix, chunk_size=chunk)
+    assert _temp_bytes(chunked, logits, index) <= 3 * chunk * v * 4
+    assert _temp_bytes(jax.grad(lambda lg, ix: chunked(lg, ix).sum()), logits, index) <= 3 * chunk * v * 4

@@ -1,17 +1,21 @@
 """Per-token log-probabilities and entropies without full fp32 copies of the logits.
 
-Three entry points, all jit-compatible and differentiable:
+Three entry points, all jit-compatible and differentiable, all returning fp32 whatever the input dtype:
 
-* :func:`selective_log_softmax` — ``log_softmax(logits)[index]`` from materialised logits ``[..., V]``. Rows are
-  processed in chunks (a ``lax.scan`` whose body is rematerialised), so the fp32 upcast only ever exists for one
-  chunk of rows, in the forward and in the backward pass.
-* :func:`entropy_from_logits` — Shannon entropy (nats) per row, chunked the same way.
+* :func:`selective_log_softmax` — ``log_softmax(logits)[index]`` from materialised logits ``[..., V]``, computed
+  as ``logits[index] - logsumexp(logits)``. By default (``chunk_size=None``) this is one expression that XLA fuses
+  into a single reduction pass: the fp32 upcast happens in registers and no ``[..., V]`` temporary exists, in the
+  forward or the backward pass (checked with XLA's memory analysis). With ``chunk_size=k`` the rows are processed
+  ``k`` at a time (a ``lax.scan`` whose body is rematerialised), which bounds the temporaries to ``O(k * V)`` even
+  where a backend declines to fuse. Caveat: XLA:CPU has no native bf16 arithmetic and upcasts whole bf16 arrays,
+  so bf16 logits on CPU cost one fp32 copy either way; fp32 on CPU and bf16 on GPU/TPU do not.
+* :func:`entropy_from_logits` — Shannon entropy (nats) per row, same two modes.
 * :func:`fused_log_probs` — log-probs (and optionally entropies) straight from final hidden states ``[B, T, D]``
   and the LM-head weight ``[D, V]``: token chunks of ``hidden @ W`` are formed, reduced and dropped, so neither the
   forward nor the backward pass ever holds ``[B, T, V]``. Gradients equal the unfused computation.
 
-All outputs are fp32 whatever the input dtype (TRL returns bf16 log-probs for bf16 logits; we upcast each chunk
-before the reduction, which is both more accurate and what TRL's chunked/fused kernels do).
+TRL returns bf16 log-probs for bf16 logits; we always reduce in fp32, which is more accurate and is what TRL's
+chunked/fused kernels do.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-DEFAULT_ROW_CHUNK = 1024
 DEFAULT_TOKEN_CHUNK = 1024
 
 _remat = functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
@@ -69,13 +72,20 @@ def _chunked_over_rows(fn, arrays, n: int, chunk_size: int):
     return jax.tree.map(lambda o: o.reshape((padded,) + o.shape[2:])[:n], out)
 
 
+def _rows(fn, arrays, n: int, chunk_size: int | None):
+    """``fn`` over all rows at once (``chunk_size=None``: XLA fuses it) or over row chunks."""
+    if chunk_size is None:
+        return fn(*arrays)
+    return _chunked_over_rows(fn, arrays, n, chunk_size)
+
+
 def selective_log_softmax(
     logits: jax.Array,
     index: jax.Array,
     *,
     temperature: float = 1.0,
     row_mask: jax.Array | None = None,
-    chunk_size: int = DEFAULT_ROW_CHUNK,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """Memory-efficient ``take_along_axis(log_softmax(logits / temperature), index)``.
 
@@ -84,7 +94,7 @@ def selective_log_softmax(
       index: ``[...]`` int (one token per row) or ``[..., K]`` int (K tokens per row, e.g. top-K).
       temperature: logits are divided by it first (GRPO samples at a temperature).
       row_mask: optional ``[...]`` / ``[..., K]`` mask shaped like ``index``; masked entries return 0.
-      chunk_size: rows (flattened leading positions) upcast to fp32 at a time.
+      chunk_size: ``None`` for one fused pass (default), or rows (flattened leading positions) per chunk.
 
     Returns:
       fp32 log-probs shaped like ``index``; every entry <= 0.
@@ -106,7 +116,7 @@ def selective_log_softmax(
     def fn(z, idx):
         return _log_softmax_stats(z.astype(jnp.float32) / temperature, idx, want_entropy=False)[0]
 
-    out = _chunked_over_rows(fn, [flat_logits, flat_index], n, chunk_size).reshape(lead + (k,))
+    out = _rows(fn, [flat_logits, flat_index], n, chunk_size).reshape(lead + (k,))
     if squeeze:
         out = out[..., 0]
     if row_mask is not None:
@@ -114,8 +124,11 @@ def selective_log_softmax(
     return out
 
 
-def entropy_from_logits(logits: jax.Array, *, temperature: float = 1.0, chunk_size: int = 128) -> jax.Array:
-    """Shannon entropy in nats of ``softmax(logits / temperature)`` per row: ``[..., V]`` -> ``[...]`` fp32."""
+def entropy_from_logits(logits: jax.Array, *, temperature: float = 1.0, chunk_size: int | None = None) -> jax.Array:
+    """Shannon entropy in nats of ``softmax(logits / temperature)`` per row: ``[..., V]`` -> ``[...]`` fp32.
+
+    ``chunk_size``: ``None`` for one fused pass, or rows per chunk (see the module docstring).
+    """
     _check_temperature(temperature)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     n = math.prod(lead)
@@ -125,7 +138,7 @@ def entropy_from_logits(logits: jax.Array, *, temperature: float = 1.0, chunk_si
         lse = jax.nn.logsumexp(z, axis=-1)
         return lse - jnp.sum(jnp.exp(z - lse[:, None]) * z, axis=-1)
 
-    return _chunked_over_rows(fn, [logits.reshape(n, vocab)], n, chunk_size).reshape(lead)
+    return _rows(fn, [logits.reshape(n, vocab)], n, chunk_size).reshape(lead)
 
 
 def selective_log_softmax_and_entropy(
@@ -134,7 +147,7 @@ def selective_log_softmax_and_entropy(
     *,
     temperature: float = 1.0,
     row_mask: jax.Array | None = None,
-    chunk_size: int = DEFAULT_ROW_CHUNK,
+    chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Log-probs of ``index [...]`` and entropies, both ``[...]`` fp32, in one chunked pass over ``[..., V]``."""
     _check_temperature(temperature)
@@ -147,7 +160,7 @@ def selective_log_softmax_and_entropy(
         sel, ent = _log_softmax_stats(z.astype(jnp.float32) / temperature, idx[:, None], want_entropy=True)
         return sel[:, 0], ent
 
-    logps, ent = _chunked_over_rows(
+    logps, ent = _rows(
         fn, [logits.reshape(n, vocab), index.reshape(n).astype(jnp.int32)], n, chunk_size
     )
     logps, ent = logps.reshape(lead), ent.reshape(lead)
