@@ -136,7 +136,8 @@ def test_fused_log_probs_and_gradients_equal_unfused(chunk_size):
     g_u = jax.grad(unfused, argnums=(0, 1))(hidden, weight)
     for a, b in zip(g_f, g_u):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
-    lp = fused_log_probs(hidden, weight, targets, chunk_size=chunk_size)
+    lp, top1 = fused_log_probs(hidden, weight, targets, chunk_size=chunk_size, return_top1=True)
+    np.testing.assert_array_equal(np.asarray(top1), np.asarray(jnp.argmax(hidden @ weight, -1) == targets))
     ref = trl_utils.selective_log_softmax(torch.tensor(np.asarray(hidden @ weight)), torch.tensor(np.asarray(targets)))
     np.testing.assert_allclose(np.asarray(lp), ref.numpy(), atol=1e-5)
 

@@ -178,6 +178,7 @@ def fused_log_probs(
     chunk_size: int = DEFAULT_TOKEN_CHUNK,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    return_top1: bool = False,
     mask: jax.Array | None = None,
     logit_scale: float | None = None,
     final_logit_softcapping: float | None = None,
@@ -195,12 +196,15 @@ def fused_log_probs(
       chunk_size: tokens per chunk.
       temperature: logits are divided by it (GRPO).
       return_entropy: also return the per-token entropy of the (tempered) distribution.
+      return_top1: also return whether each target is the argmax of the logits (first maximum wins ties, as
+        ``torch.argmax``), for TRL's ``mean_token_accuracy``.
       mask: optional ``[...]``; masked positions return 0 log-prob and 0 entropy.
       logit_scale: optional multiplier on the logits (Cohere-style models).
       final_logit_softcapping: optional ``cap * tanh(logits / cap)`` (Gemma-style models).
 
     Returns:
-      ``logps [...]`` fp32, or ``(logps, entropy)`` when ``return_entropy``.
+      ``logps [...]`` fp32 alone, or a tuple ``(logps, entropy [...] fp32, top1 [...] bool)`` holding only the
+      parts asked for, in that order.
     """
     _check_temperature(temperature)
     if hidden.shape[:-1] != targets.shape:
@@ -220,14 +224,16 @@ def fused_log_probs(
         if final_logit_softcapping is not None:
             z = final_logit_softcapping * jnp.tanh(z / final_logit_softcapping)
         sel, ent = _log_softmax_stats(z / temperature, idx[:, None], want_entropy=return_entropy)
-        return (sel[:, 0], ent) if return_entropy else sel[:, 0]
+        out = [sel[:, 0]]
+        if return_entropy:
+            out.append(ent)
+        if return_top1:
+            out.append(jnp.argmax(z, axis=-1) == idx)
+        return tuple(out)
 
     out = _chunked_over_rows(fn, [hidden.reshape(n, dim), targets.reshape(n).astype(jnp.int32)], n, chunk_size)
     keep = None if mask is None else jnp.asarray(mask, bool)
-    if return_entropy:
-        logps, ent = out[0].reshape(lead), out[1].reshape(lead)
-        if keep is not None:
-            logps, ent = jnp.where(keep, logps, 0.0), jnp.where(keep, ent, 0.0)
-        return logps, ent
-    logps = out.reshape(lead)
-    return logps if keep is None else jnp.where(keep, logps, 0.0)
+    out = [o.reshape(lead) for o in out]
+    if keep is not None:
+        out = [jnp.where(keep, o, jnp.zeros((), o.dtype)) for o in out]
+    return out[0] if len(out) == 1 else tuple(out)
