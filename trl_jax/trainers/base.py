@@ -1,0 +1,382 @@
+"""The training loop shared by the trainer facades (SFT, DPO, KTO).
+
+A trainer subclass supplies three things: how to prepare a dataset (``_prepare_dataset``), how to collate rows into
+a fixed-shape numpy batch (``_collate``), and a pure ``loss_fn(params, batch, rng, ref_params=None) -> LossTerms``.
+Everything else lives here: model and tokenizer loading, the mesh, optimizer and schedule from the config, the
+jitted sharded step (with gradient accumulation inside the step), the epoch/step loop, evaluation, metrics with
+TRL's names averaged over the logging window, logging (stdout, JSONL, TensorBoard), checkpoints and exact resume.
+
+Data order is a pure function of ``(seed, epoch)``: step ``k`` always reads the same rows, so resuming from a
+checkpoint at step ``k`` continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trl_jax.losses.base import LossTerms
+from trl_jax.parallel import batch_parallel_size, make_mesh
+from trl_jax.parallel.sharding import shard_batch
+from trl_jax.train import Checkpointer, TrainState, make_eval_step, make_train_step, optimizer_from_args
+from trl_jax.trainers.logging import MetricsLogger
+
+# jax.checkpoint_policies names -> the models' remat option names.
+_REMAT_ALIASES = {"nothing_saveable": "full", "everything_saveable": "none", None: "none"}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclass
+class TrainOutput:
+    """What ``train()`` returns (transformers' ``TrainOutput`` fields)."""
+
+    global_step: int
+    training_loss: float
+    metrics: dict
+
+
+def _dtype(name):
+    return _DTYPES[name] if isinstance(name, str) else name
+
+
+class BaseTrainer(abc.ABC):
+    """Shared loop; see the module docstring. Subclasses set ``_tag`` and ``config_class`` and implement the hooks."""
+
+    _tag = "base"
+    config_class: type = None  # set by subclasses
+    # Rows of a step that are padding (a short last batch) must be masked by the loss; trainers whose loss
+    # cannot ignore padding rows (pairwise losses averaged per pair) drop the incomplete tail instead.
+    _pad_last_batch = True
+
+    def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
+                 callbacks=None, ref_model=None):
+        if args is None:
+            name = model if isinstance(model, str) else "model"
+            args = self.config_class(output_dir=f"{os.path.basename(str(name).rstrip('/'))}-{self._tag.upper()}")
+        self.args = args
+        self.callbacks = list(callbacks or [])
+        self.mesh = make_mesh(args.mesh_shape, args.mesh_axis_names)
+        self.model, self.params, model_path = self._load_model(model)
+        self.processing_class = self._load_tokenizer(processing_class, model_path)
+        self.ref_model_params = self._resolve_ref_model(ref_model)
+        self.train_dataset = self._checked(train_dataset, "train")
+        self.eval_dataset = self._checked(eval_dataset, "eval") if eval_dataset is not None else None
+        self.state: TrainState | None = None
+        self._train_step = None
+        self._eval_step = None
+        self.log_history: list[dict] = []
+
+    # ------------------------------------------------------------------ loading
+    def _load_model(self, model):
+        """``model``: a local HF directory or hub id, or a ``(CausalLM, params)`` pair."""
+        from trl_jax.assets import resolve_model_path
+        from trl_jax.models import from_pretrained
+
+        args = self.args
+        if isinstance(model, (str, os.PathLike)):
+            model = resolve_model_path(os.fspath(model))
+            kwargs = dict(args.model_init_kwargs or {}) if isinstance(getattr(args, "model_init_kwargs", None), dict) else {}
+            kwargs.pop("dtype", None)
+            m, params = from_pretrained(
+                os.fspath(model),
+                dtype=_dtype(args.compute_dtype),
+                param_dtype=_dtype(args.param_dtype),
+                mesh=self.mesh,
+                scan_layers=args.scan_layers,
+                remat_policy=_REMAT_ALIASES.get(args.remat_policy, args.remat_policy),
+                value_head=self._needs_value_head(),
+            )
+            return m, params, os.fspath(model)
+        if isinstance(model, tuple) and len(model) == 2:
+            m, params = model
+            return m, params, getattr(m, "name_or_path", None)
+        raise TypeError(
+            "model must be a local directory / hub id of an HF checkpoint, or a (trl_jax.models.CausalLM, params) "
+            f"pair; got {type(model).__name__}."
+        )
+
+    def _needs_value_head(self) -> bool:
+        return False
+
+    def _load_tokenizer(self, processing_class, model_path):
+        from trl_jax.data.tokenization import setup_tokenizer
+
+        if processing_class is None:
+            if model_path is None:
+                raise ValueError("processing_class is required when the model is passed as (model, params).")
+            from transformers import AutoTokenizer
+
+            processing_class = AutoTokenizer.from_pretrained(model_path)
+        return setup_tokenizer(processing_class, self.args)
+
+    def _resolve_ref_model(self, ref_model):
+        return None
+
+    def _checked(self, dataset, split):
+        if dataset is None:
+            return None
+        from trl_jax.data.loading import load_dataset_any
+
+        if isinstance(dataset, (str, os.PathLike)):
+            dataset = load_dataset_any(os.fspath(dataset), split="train" if split == "train" else split)
+        if hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(f"The {split} dataset is empty; pass a dataset with at least one row.")
+        prepared = self._prepare_dataset(dataset, split)
+        if hasattr(prepared, "__len__") and len(prepared) == 0:
+            raise ValueError(
+                f"The {split} dataset has no rows left after preparation (every row was filtered out, e.g. prompts "
+                "longer than max_length); raise max_length or shorten the prompts."
+            )
+        return prepared
+
+    # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
+    def _prepare_dataset(self, dataset, split: str):
+        """Validate the format and tokenize (and pack/filter) a dataset; returns a map-style dataset of rows."""
+
+    @abc.abstractmethod
+    def _collate(self, rows: list[dict], num_rows: int) -> dict[str, np.ndarray]:
+        """Rows -> a fixed-shape numpy batch with ``num_rows`` rows (padding rows masked out)."""
+
+    @abc.abstractmethod
+    def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
+        """Pure, jit-able loss of one micro-batch."""
+
+    def _batch_stats(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """Host-side per-step counters (e.g. ``num_tokens``), summed over training."""
+        return {}
+
+    def _ref_params_for_state(self):
+        return self.ref_model_params
+
+    # ------------------------------------------------------------------ batching
+    @property
+    def micro_batch_rows(self) -> int:
+        return self.args.per_device_train_batch_size * batch_parallel_size(self.mesh)
+
+    @property
+    def step_rows(self) -> int:
+        return self.micro_batch_rows * self.args.gradient_accumulation_steps
+
+    def steps_per_epoch(self) -> int:
+        n = len(self.train_dataset)
+        micro = n / self.micro_batch_rows
+        micro = math.ceil(micro) if self._pad_last_batch else math.floor(micro)
+        if micro == 0:
+            raise ValueError(
+                f"The train dataset has {n} rows, fewer than one batch of {self.micro_batch_rows} "
+                "(per_device_train_batch_size x data-parallel devices); lower per_device_train_batch_size."
+            )
+        return max(micro // self.args.gradient_accumulation_steps, 1)
+
+    def num_training_steps(self) -> int:
+        if self.args.max_steps and self.args.max_steps > 0:
+            return int(self.args.max_steps)
+        return max(int(math.ceil(self.args.num_train_epochs * self.steps_per_epoch())), 1)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        n = len(self.train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return np.random.default_rng([seed, epoch]).permutation(n)
+
+    def _rows_for_step(self, step: int) -> list[int]:
+        spe = self.steps_per_epoch()
+        epoch, within = divmod(step, spe)
+        order = self._epoch_order(epoch)
+        start = within * self.step_rows
+        return order[start:start + self.step_rows].tolist()
+
+    def _device_batch(self, batch):
+        return shard_batch(batch, self.mesh) if self.mesh is not None else batch
+
+    def _batch_for_step(self, step: int):
+        idx = self._rows_for_step(step)
+        rows = [self.train_dataset[i] for i in idx]
+        return self._collate(rows, self.step_rows)
+
+    # ------------------------------------------------------------------ state
+    def _build(self, total_steps: int):
+        args = self.args
+        self.optimizer, self.lr_schedule = optimizer_from_args(args, num_training_steps=total_steps)
+        rng = jax.random.PRNGKey(args.seed)
+        self.state = TrainState.create(
+            self.params, self.optimizer, rng, self._ref_params_for_state(),
+            mesh=self.mesh, logical_axes=self.model.logical_axes(),
+        )
+        self.params = None  # owned by the state from now on (donated every step)
+        self._train_step = make_train_step(
+            self.loss_fn, self.optimizer, mesh=self.mesh,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+            learning_rate_fn=self.lr_schedule,
+        )
+        self._eval_step = make_eval_step(self.loss_fn, mesh=self.mesh)
+
+    def _checkpointer(self) -> Checkpointer:
+        return Checkpointer(os.path.join(self.args.output_dir, "checkpoints"), max_to_keep=self.args.save_total_limit)
+
+    def _resume(self, resume_from_checkpoint, ckpt: Checkpointer) -> int:
+        if not resume_from_checkpoint:
+            return 0
+        step = None
+        if isinstance(resume_from_checkpoint, str):
+            path = os.path.abspath(resume_from_checkpoint)
+            base = os.path.basename(path)
+            if base.isdigit():
+                step = int(base)
+                path = os.path.dirname(path)
+            if path != ckpt.directory:
+                ckpt = Checkpointer(path)
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={resume_from_checkpoint!r}: no checkpoint found in {ckpt.directory}; "
+                "train without resume_from_checkpoint or point it at an output_dir/checkpoints directory."
+            )
+        step, self.state = ckpt.restore(self.state, step)
+        print(f"[trl_jax] resumed from {ckpt.directory} at step {step}", file=sys.stderr)
+        return int(step)
+
+    # ------------------------------------------------------------------ loop
+    def train(self, resume_from_checkpoint=None) -> TrainOutput:
+        args = self.args
+        if self.train_dataset is None:
+            raise ValueError("train() needs a train_dataset.")
+        resume_from_checkpoint = resume_from_checkpoint or args.resume_from_checkpoint
+        total = self.num_training_steps()
+        if self.state is None:
+            self._build(total)
+        os.makedirs(args.output_dir, exist_ok=True)
+        ckpt = self._checkpointer() if args.save_strategy != "no" else None
+        start = self._resume(resume_from_checkpoint, ckpt or self._checkpointer())
+        logger = MetricsLogger(args, total, start_step=start, log_history=self.log_history)
+        spe = self.steps_per_epoch()
+        window, counters = [], {}
+        t_window = time.perf_counter()
+        tokens_window = 0.0
+        running_loss, running_n = 0.0, 0
+        if args.eval_on_start and self.eval_dataset is not None:
+            logger.log(self.evaluate(), start)
+        for step in range(start, total):
+            batch = self._batch_for_step(step)
+            stats = self._batch_stats(batch)
+            for k, v in stats.items():
+                counters[k] = counters.get(k, 0.0) + v
+            tokens_window += stats.get("num_tokens", 0.0)
+            self.state, metrics = self._train_step(self.state, self._device_batch(batch))
+            window.append(metrics)
+            done = step + 1
+            epoch = done / spe
+            logger.progress(done)
+            if self._should(args.logging_strategy, args.logging_steps, done, spe, total) or (
+                    args.logging_first_step and done == 1):
+                host = jax.device_get(window)
+                rec = self._average(host, done)
+                running_loss += rec["loss"] * len(host)
+                running_n += len(host)
+                dt = time.perf_counter() - t_window
+                rec.update(counters)
+                rec["epoch"] = round(epoch, 4)
+                if tokens_window:
+                    rec["train_tokens_per_second"] = round(tokens_window / max(dt, 1e-9), 1)
+                logger.log(rec, done)
+                window, tokens_window, t_window = [], 0.0, time.perf_counter()
+            if self.eval_dataset is not None and self._should(args.eval_strategy, args.eval_steps or args.logging_steps, done, spe, total):
+                logger.log(self.evaluate(), done)
+            if ckpt is not None and self._should(args.save_strategy, args.save_steps, done, spe, total):
+                ckpt.save(done, self.state)
+        if window:
+            host = jax.device_get(window)
+            rec = self._average(host, total)
+            running_loss += rec["loss"] * len(host)
+            running_n += len(host)
+        if ckpt is not None:
+            ckpt.close()
+        logger.close()
+        train_loss = running_loss / max(running_n, 1)
+        summary = {"train_loss": train_loss, "epoch": total / spe, "global_step": total}
+        self.log_history.append(summary)
+        return TrainOutput(total, train_loss, summary)
+
+    @staticmethod
+    def _should(strategy: str, every, done: int, spe: int, total: int) -> bool:
+        if strategy in (None, "no"):
+            return False
+        if strategy == "epoch":
+            return done % spe == 0
+        if strategy == "steps":
+            every = float(every or 0)
+            if 0 < every < 1:  # a ratio of the total steps, as transformers allows
+                every = math.ceil(every * total)
+            return every > 0 and done % int(every) == 0
+        if strategy == "best":
+            return False
+        raise ValueError(f"unknown strategy {strategy!r}; use 'no', 'steps' or 'epoch'.")
+
+    def _average(self, host_metrics: list[dict], step: int) -> dict:
+        """Average a logging window like transformers does (loss, metrics); last value for lr / grad_norm."""
+        losses = np.array([float(m["loss"]) for m in host_metrics])
+        bad = ~np.isfinite(losses)
+        if bad.any():
+            first = step - len(host_metrics) + 1 + int(np.argmax(bad))
+            raise FloatingPointError(
+                f"loss became {losses[bad][0]} at step {first}. Lower learning_rate, set max_grad_norm, check the "
+                "data for empty completions (all-masked batches) or use compute_dtype='float32'."
+            )
+        out = {}
+        for k in host_metrics[0]:
+            vals = np.array([float(m[k]) for m in host_metrics])
+            out[k] = float(vals[-1]) if k in ("learning_rate", "grad_norm") else float(np.nanmean(vals))
+        return out
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """Loss (pooled numerator / denominator over the whole set) and loss metrics averaged over batches."""
+        ds = self._checked(eval_dataset, "eval") if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("evaluate() needs an eval_dataset (in the constructor or as an argument).")
+        if self.state is None:
+            self._build(self.num_training_steps() if self.train_dataset is not None else 1)
+        rows_per_batch = self.args.per_device_eval_batch_size * batch_parallel_size(self.mesh)
+        n = len(ds)
+        nb = math.ceil(n / rows_per_batch) if self._pad_last_batch else n // rows_per_batch
+        if nb == 0:
+            raise ValueError(
+                f"The eval dataset has {n} rows, fewer than one batch of {rows_per_batch}; lower "
+                "per_device_eval_batch_size."
+            )
+        num = den = 0.0
+        sums: dict[str, float] = {}
+        for b in range(nb):
+            rows = [ds[i] for i in range(b * rows_per_batch, min((b + 1) * rows_per_batch, n))]
+            out = jax.device_get(self._eval_step(self.state, self._device_batch(self._collate(rows, rows_per_batch))))
+            num += float(out["numerator"])
+            den += float(out["denominator"])
+            for k, v in out.items():
+                if k not in ("loss", "numerator", "denominator"):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        res = {f"{metric_key_prefix}_loss": num / den if den else 0.0}
+        res.update({f"{metric_key_prefix}_{k}": v / nb for k, v in sums.items()})
+        return res
+
+    # ------------------------------------------------------------------ saving
+    @property
+    def trained_params(self):
+        return self.state.params if self.state is not None else self.params
+
+    def save_model(self, output_dir: str | None = None) -> str:
+        """Write HF-format safetensors + config (+ tokenizer), loadable by transformers and trl_jax."""
+        from trl_jax.models import save_pretrained
+
+        output_dir = output_dir or self.args.output_dir
+        save_pretrained(self.model, self.trained_params, output_dir, tokenizer=self.processing_class)
+        return output_dir

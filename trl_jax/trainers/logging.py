@@ -1,0 +1,217 @@
+"""Where training metrics go: a progress bar, stdout, ``log_history.jsonl`` and TensorBoard event files.
+
+TensorBoard files are written by a ~40-line writer (TFRecord framing of ``Event`` protos with scalar summaries),
+so no TensorFlow/torch/tensorboardX is needed; ``tensorboard --logdir <output_dir>/runs`` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+# ---------------------------------------------------------------------- TensorBoard (TFRecord + Event proto)
+_CRC_TABLE = []
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+    _CRC_TABLE.append(_c)
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(num: int, wire: int, payload: bytes) -> bytes:
+    return _varint((num << 3) | wire) + payload
+
+
+def _len_field(num: int, data: bytes) -> bytes:
+    return _field(num, 2, _varint(len(data)) + data)
+
+
+def _event(wall_time: float, step: int, *, scalars: dict | None = None, file_version: str | None = None) -> bytes:
+    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
+    if file_version is not None:
+        msg += _len_field(3, file_version.encode())
+    if scalars:
+        values = b"".join(
+            _len_field(1, _len_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
+            for tag, v in scalars.items()
+        )
+        msg += _len_field(5, values)
+    return msg
+
+
+class TensorBoardWriter:
+    """Append scalar summaries to ``<logdir>/events.out.tfevents.<time>.<host>``."""
+
+    def __init__(self, logdir: str):
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.trl_jax"
+        self.path = os.path.join(logdir, name)
+        self._f = open(self.path, "ab")
+        self._write(_event(time.time(), 0, file_version="brain.Event:2"))
+
+    def _write(self, data: bytes) -> None:
+        header = struct.pack("<Q", len(data))
+        self._f.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
+        self._f.flush()
+
+    def scalars(self, values: dict, step: int) -> None:
+        clean = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if clean:
+            self._write(_event(time.time(), step, scalars=clean))
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_tensorboard_scalars(path: str) -> list[tuple[int, str, float]]:
+    """Decode the scalars of an event file written above: ``[(step, tag, value), ...]`` (used by tests)."""
+    out = []
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        (n,) = struct.unpack_from("<Q", data, pos)
+        rec = data[pos + 12:pos + 12 + n]
+        pos += 12 + n + 4
+        out.extend(_decode_event(rec))
+    return out
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = val = 0
+    while True:
+        b = buf[i]
+        i += 1
+        val |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return val, i
+
+
+def _fields(buf: bytes):
+    i = 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _read_varint(buf, i)
+        elif wire == 1:
+            v, i = buf[i:i + 8], i + 8
+        elif wire == 5:
+            v, i = buf[i:i + 4], i + 4
+        else:
+            n, i = _read_varint(buf, i)
+            v, i = buf[i:i + n], i + n
+        yield num, v
+
+
+def _decode_event(rec: bytes):
+    step, summary = 0, None
+    for num, v in _fields(rec):
+        if num == 2:
+            step = v
+        elif num == 5:
+            summary = v
+    if summary is None:
+        return []
+    out = []
+    for _, value in _fields(summary):
+        tag, val = None, None
+        for n2, v2 in _fields(value):
+            if n2 == 1:
+                tag = v2.decode()
+            elif n2 == 2:
+                val = struct.unpack("<f", v2)[0]
+        out.append((step, tag, val))
+    return out
+
+
+# ---------------------------------------------------------------------- the logger the loop uses
+def _report_to(args) -> set[str]:
+    r = getattr(args, "report_to", None)
+    if r in (None, "none"):
+        return set()
+    r = {r} if isinstance(r, str) else set(r)
+    if "all" in r:
+        r = {"tensorboard"}
+    return r
+
+
+class MetricsLogger:
+    """Progress bar (loss, lr, tokens/s, ETA), one stdout line per log, JSONL history and TensorBoard scalars."""
+
+    def __init__(self, args, total_steps: int, *, start_step: int = 0, log_history: list | None = None):
+        self.args = args
+        self.history = log_history if log_history is not None else []
+        self.jsonl_path = os.path.join(args.output_dir, "log_history.jsonl")
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._tb = None
+        unsupported = _report_to(args) - {"tensorboard"}
+        if unsupported:
+            print(f"[trl_jax] report_to {sorted(unsupported)} is not supported; logging to JSONL/stdout"
+                  + (" and TensorBoard" if "tensorboard" in _report_to(args) else ""), file=sys.stderr)
+        if "tensorboard" in _report_to(args):
+            self._tb = TensorBoardWriter(getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs"))
+        self._bar = None
+        if not getattr(args, "disable_tqdm", False):
+            try:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, file=sys.stderr)
+            except ImportError:  # tqdm comes with datasets; the bar is optional
+                self._bar = None
+
+    def progress(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def log(self, record: dict, step: int) -> None:
+        rec = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in record.items()}
+        rec["step"] = step
+        self.history.append(rec)
+        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.scalars({(k if k.startswith("eval_") else f"train/{k}"): v for k, v in record.items()}, step)
+        if self._bar is not None:
+            post = {k: f"{record[k]:.4g}" for k in ("loss", "learning_rate", "train_tokens_per_second") if k in record}
+            if post:
+                self._bar.set_postfix(post, refresh=False)
+            self._bar.write(json.dumps(rec))
+        else:
+            print(json.dumps(rec), flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

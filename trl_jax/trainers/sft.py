@@ -1,0 +1,72 @@
+"""``SFTTrainer``: TRL's supervised fine-tuning on the shared loop.
+
+Loss: per-token log-probs of the shifted labels straight from the final hidden states and the LM head
+(``fused_log_probs``, token chunks of ``logprob_chunk_size``), then TRL's ``nll`` / ``dft`` token mean over counted
+tokens (``trl_jax.losses.sft``). Gradient accumulation is exact: the step divides the summed numerators by the
+summed token counts of all micro-batches, which is what TRL gets from ``num_items_in_batch``.
+Metrics: ``loss``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``, ``grad_norm``, ``learning_rate``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trl_jax.configs import SFTConfig
+from trl_jax.data.collators import DataCollatorForLanguageModeling
+from trl_jax.data.tokenization import prepare_sft_dataset
+from trl_jax.losses.base import LossTerms
+from trl_jax.losses.sft import shift_labels, sft_loss
+from trl_jax.ops import fused_log_probs
+from trl_jax.trainers.base import BaseTrainer
+
+
+class SFTTrainer(BaseTrainer):
+    """``SFTTrainer(model, args=SFTConfig(...), train_dataset=..., eval_dataset=..., processing_class=...)``.
+
+    ``formatting_func`` turns rows into text as in TRL. Datasets: language modeling (``text``), prompt/completion
+    and conversational (``messages``, or conversational prompt/completion), raw or already tokenized.
+    """
+
+    _tag = "sft"
+    config_class = SFTConfig
+
+    def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, callbacks=None, formatting_func=None):
+        self.formatting_func = formatting_func
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks)
+
+    def _prepare_dataset(self, dataset, split):
+        packing = self.args.packing if split == "train" else (
+            self.args.eval_packing if self.args.eval_packing is not None else self.args.packing)
+        return prepare_sft_dataset(dataset, self.processing_class, self.args, formatting_func=self.formatting_func,
+                                   packing=packing, dataset_name=split)
+
+    @property
+    def _padding_free(self) -> bool:
+        # TRL forces padding-free attention for bfd packing; rows keep their shape here, documents are separated
+        # by segment ids, and labels at each document start are dropped exactly as TRL's flattened batch does.
+        return bool(self.args.padding_free or (self.args.packing and self.args.packing_strategy != "wrapped"))
+
+    def _collate(self, rows, num_rows):
+        collator = DataCollatorForLanguageModeling(
+            pad_token_id=self.processing_class.pad_token_id,
+            max_length=self.args.max_length,
+            pad_to_multiple_of=self.args.pad_to_multiple_of,
+            padding_free=self._padding_free,
+            pad_batch_to=num_rows,
+        )
+        batch = collator(rows)
+        return {k: batch[k] for k in ("input_ids", "position_ids", "segment_ids", "labels", "attention_mask")}
+
+    def _batch_stats(self, batch):
+        return {"num_tokens": float(np.sum(batch["attention_mask"]))}
+
+    def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
+        model = self.model
+        hidden = model.hidden_states(params, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+        targets, loss_mask = shift_labels(batch["labels"])
+        logps, entropy, top1 = fused_log_probs(
+            hidden, model.lm_head_weight(params), targets,
+            chunk_size=self.args.logprob_chunk_size, return_entropy=True, return_top1=True, mask=loss_mask,
+        )
+        return sft_loss(logps, loss_mask, loss_type=self.args.loss_type, per_token_entropy=entropy, is_top1=top1)
