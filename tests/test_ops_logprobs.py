@@ -136,8 +136,11 @@ def test_fused_log_probs_and_gradients_equal_unfused(chunk_size):
     g_u = jax.grad(unfused, argnums=(0, 1))(hidden, weight)
     for a, b in zip(g_f, g_u):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
-    lp, top1 = fused_log_probs(hidden, weight, targets, chunk_size=chunk_size, return_top1=True)
+    lp, top1, lsq = fused_log_probs(hidden, weight, targets, chunk_size=chunk_size, return_top1=True,
+                                    return_log_sum_sq_probs=True)
     np.testing.assert_array_equal(np.asarray(top1), np.asarray(jnp.argmax(hidden @ weight, -1) == targets))
+    probs = jax.nn.softmax(hidden @ weight, -1)
+    np.testing.assert_allclose(np.asarray(lsq), np.log(np.sum(np.asarray(probs) ** 2, -1)), atol=1e-5)
     ref = trl_utils.selective_log_softmax(torch.tensor(np.asarray(hidden @ weight)), torch.tensor(np.asarray(targets)))
     np.testing.assert_allclose(np.asarray(lp), ref.numpy(), atol=1e-5)
 

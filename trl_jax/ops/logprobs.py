@@ -179,6 +179,7 @@ def fused_log_probs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     return_top1: bool = False,
+    return_log_sum_sq_probs: bool = False,
     mask: jax.Array | None = None,
     logit_scale: float | None = None,
     final_logit_softcapping: float | None = None,
@@ -198,13 +199,14 @@ def fused_log_probs(
       return_entropy: also return the per-token entropy of the (tempered) distribution.
       return_top1: also return whether each target is the argmax of the logits (first maximum wins ties, as
         ``torch.argmax``), for TRL's ``mean_token_accuracy``.
+      return_log_sum_sq_probs: also return ``log(sum_v p_v^2)`` per token (WPO weighting in DPO).
       mask: optional ``[...]``; masked positions return 0 log-prob and 0 entropy.
       logit_scale: optional multiplier on the logits (Cohere-style models).
       final_logit_softcapping: optional ``cap * tanh(logits / cap)`` (Gemma-style models).
 
     Returns:
-      ``logps [...]`` fp32 alone, or a tuple ``(logps, entropy [...] fp32, top1 [...] bool)`` holding only the
-      parts asked for, in that order.
+      ``logps [...]`` fp32 alone, or a tuple ``(logps, entropy, top1, log_sum_sq_probs)`` (each ``[...]``;
+      fp32, fp32, bool, fp32) holding only the parts asked for, in that order.
     """
     _check_temperature(temperature)
     if hidden.shape[:-1] != targets.shape:
@@ -229,6 +231,9 @@ def fused_log_probs(
             out.append(ent)
         if return_top1:
             out.append(jnp.argmax(z, axis=-1) == idx)
+        if return_log_sum_sq_probs:
+            zt = z / temperature
+            out.append(jax.nn.logsumexp(2.0 * zt, axis=-1) - 2.0 * jax.nn.logsumexp(zt, axis=-1))
         return tuple(out)
 
     out = _chunked_over_rows(fn, [hidden.reshape(n, dim), targets.reshape(n).astype(jnp.int32)], n, chunk_size)

@@ -1,0 +1,910 @@
+"""Trainer configs with TRL 1.16's field names and defaults, plus JAX-only knobs.
+
+Every config is a plain dataclass. Field names and defaults are those of the installed TRL
+(`trl.SFTConfig`, `trl.DPOConfig`, `trl.KTOConfig`, `trl.GRPOConfig`,
+`trl.experimental.online_dpo.OnlineDPOConfig`) and of `transformers.TrainingArguments` for the common ones, written out
+here (this module never imports torch, transformers' Trainer or trl). On top of them every config has the JAX fields
+listed in `JAX_FIELDS`.
+
+* PyTorch-only fields (`TORCH_ONLY_FIELDS`: `deepspeed`, `fsdp`, `ddp_*`, `dataloader_*`, `torch_compile*`,
+  `gradient_checkpointing_kwargs`, `use_liger_kernel`, `tf32`, ...) are accepted so that a TRL config or YAML file
+  runs unchanged; when any of them is set to a non-default value, ONE `TorchOnlyFieldWarning` line lists them, and
+  they have no effect.
+* A misspelled field raises `TypeError` naming the closest valid field (`difflib`).
+* `from_dict` / `from_yaml` honor TRL's YAML conventions (`trl.scripts.utils.TrlParser`): a top-level `env:` mapping
+  is exported to `os.environ`; model keys (`ModelConfig`: `model_name_or_path`, `dtype`, `lora_*`, ...) and script
+  keys (`ScriptArguments`: `dataset_name`, `dataset_train_split`, ...; `DatasetMixtureConfig`: `datasets`, ...) are
+  collected separately by `load_config`. String values (from a CLI or YAML `1e-5`) are converted to the field type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import os
+import warnings
+from dataclasses import MISSING, dataclass, field
+from typing import Any, NamedTuple
+
+__all__ = [
+    "TorchOnlyFieldWarning",
+    "TORCH_ONLY_FIELDS",
+    "JAX_FIELDS",
+    "TrainingArgumentsJax",
+    "BaseConfig",
+    "SFTConfig",
+    "DPOConfig",
+    "KTOConfig",
+    "GRPOConfig",
+    "OnlineDPOConfig",
+    "ModelConfig",
+    "ScriptArguments",
+    "DatasetConfig",
+    "DatasetMixtureConfig",
+    "RunConfig",
+    "load_config",
+    "coerce_value",
+]
+
+
+class TorchOnlyFieldWarning(UserWarning):
+    """Emitted once per config when PyTorch-only fields are set; they are ignored by trl_jax."""
+
+
+# Fields of TrainingArguments / TRL configs that configure PyTorch, accelerate, DeepSpeed, FSDP, vLLM or torch data
+# loading. They are accepted (so TRL configs load unchanged) and ignored. Sharding is configured with `mesh_shape`
+# and `mesh_axis_names` instead of fsdp/ddp/deepspeed; rematerialization with `gradient_checkpointing` /
+# `remat_policy` instead of `gradient_checkpointing_kwargs`.
+TORCH_ONLY_FIELDS: frozenset[str] = frozenset(
+    {
+        # transformers.TrainingArguments
+        "optim_target_modules", "tf32", "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs",
+        "torch_compile", "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "liger_kernel_config",
+        "use_cache", "neftune_noise_alpha", "torch_empty_cache_steps", "auto_find_batch_size",
+        "eval_use_gather_object", "enable_jit_checkpoint", "use_cpu", "accelerator_config", "parallelism_config",
+        "dataloader_drop_last", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+        "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "dataloader_in_order",
+        "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
+        "ddp_backend", "ddp_timeout", "fsdp", "fsdp_config", "deepspeed", "debug", "skip_memory_metrics",
+        "local_rank", "save_on_each_node", "log_level_replica", "log_on_each_node",
+        # TRL
+        "activation_offloading", "ds3_gather_for_generation", "use_vllm", "vllm_mode", "vllm_model_impl",
+        "vllm_enable_sleep_mode", "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_server_host",
+        "vllm_server_port", "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization",
+        "vllm_max_model_length", "vllm_tensor_parallel_size", "use_transformers_continuous_batching",
+        "transformers_continuous_batching_config", "use_transformers_paged", "cache_implementation",
+    }
+)
+
+# Fields that trl_jax adds to every config (absent from TRL's configs). `pad_to_multiple_of` exists in TRL's SFT/DPO/
+# KTO/GRPO configs with the same default and is added to the others.
+JAX_FIELDS: tuple[str, ...] = (
+    "mesh_shape",
+    "mesh_axis_names",
+    "param_dtype",
+    "compute_dtype",
+    "remat_policy",
+    "scan_layers",
+    "logprob_chunk_size",
+    "pad_to_multiple_of",
+)
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable", "everything_saveable")
+_INTERVALS = ("no", "steps", "epoch")
+_SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_field_error(cls, name: str) -> TypeError:
+    names = _field_names(cls)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    return TypeError(
+        f"{cls.__name__} got an unknown field `{name}`.{hint} See `dataclasses.fields({cls.__name__})` for the "
+        "accepted names (TRL's field names plus trl_jax.configs.JAX_FIELDS)."
+    )
+
+
+def _split_top_level(text: str) -> list[str]:
+    return [part.strip() for part in text.replace(",", " ").split() if part.strip()]
+
+
+def coerce_value(value: Any, annotation: str) -> Any:
+    """Convert a string (from a CLI flag or a YAML scalar such as `1e-5`) to the type named by `annotation`.
+
+    Non-string values are returned unchanged except lists for tuple-typed fields. `annotation` is the dataclass
+    field's annotation string, e.g. `"int | None"`, `"list[float]"`.
+    """
+    ann = annotation.replace(" ", "")
+    if not isinstance(value, str):
+        if isinstance(value, list) and ann.startswith("tuple"):
+            return tuple(value)
+        return value
+    text = value.strip()
+    if text.lower() in ("none", "null") and "None" in ann:
+        return None
+    if ann.startswith(("list", "tuple")) or "|list" in ann:
+        if text.startswith("["):
+            items = json.loads(text)
+        else:
+            items = _split_top_level(text)
+        inner = ann[ann.index("[") + 1 : ann.index("]")] if "[" in ann else "str"
+        items = [coerce_value(item, inner) for item in items]
+        if ann.startswith("str|") and len(items) == 1:
+            return items[0]
+        return tuple(items) if ann.startswith("tuple") else items
+    if "bool" in ann and text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    if "int" in ann:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    if "float" in ann:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    if "dict" in ann and text.startswith("{"):
+        return json.loads(text)
+    return value
+
+
+class _ConfigMixin:
+    """Unknown-field checks, dict/YAML construction and the torch-only warning, shared by all configs."""
+
+    def __new__(cls, *args, **kwargs):
+        known = set(_field_names(cls))
+        for name in kwargs:
+            if name not in known:
+                raise _unknown_field_error(cls, name)
+        return super().__new__(cls)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Build the config from a mapping, converting string values to the field types (TRL's parser does)."""
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in values.items():
+            if name not in types:
+                raise _unknown_field_error(cls, name)
+            kwargs[name] = coerce_value(value, str(types[name]))
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None):
+        """Read a TRL-style YAML run config; model/script keys are validated and dropped (see `load_config`)."""
+        return load_config(path, cls, overrides=overrides).args
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def _warn_torch_only(self) -> None:
+        set_fields = []
+        for f in dataclasses.fields(self):
+            if f.name not in TORCH_ONLY_FIELDS:
+                continue
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else None
+            )
+            if getattr(self, f.name) != default:
+                set_fields.append(f.name)
+        if set_fields:
+            warnings.warn(
+                f"trl_jax ignores these PyTorch-only fields of {type(self).__name__}: {', '.join(sorted(set_fields))}",
+                TorchOnlyFieldWarning,
+                stacklevel=4,
+            )
+
+
+@dataclass
+class TrainingArgumentsJax(_ConfigMixin):
+    """`transformers.TrainingArguments` fields (names and defaults of transformers 5.24) + trl_jax's JAX fields.
+
+    JAX fields:
+        mesh_shape (`tuple[int, ...]`, *optional*): device mesh shape over `mesh_axis_names`; `None` = all devices
+            on the first (data) axis. One entry may be `-1` (filled with the remaining devices).
+        mesh_axis_names (`tuple[str, ...]`, defaults to `("data", "fsdp", "tensor")`).
+        param_dtype (`str`, defaults to `"float32"`): dtype the parameters (and optimizer moments) are stored in.
+        compute_dtype (`str`, *optional*): activation dtype; `None` = `bfloat16` if `bf16`, `float16` if `fp16`,
+            else `float32` (resolved in `__post_init__`).
+        remat_policy (`str`, *optional*): `jax.checkpoint` policy per decoder layer; `None` = `"nothing_saveable"`
+            when `gradient_checkpointing` else `"none"`. One of `_REMAT_POLICIES`.
+        scan_layers (`bool`, defaults to `False`): run the decoder layers with `jax.lax.scan` (faster compile).
+        logprob_chunk_size (`int`, defaults to `256`): tokens per chunk of the fused LM-head log-prob computation.
+        pad_to_multiple_of (`int`, *optional*, defaults to `"auto"`): collators pad the sequence axis to a multiple
+            of it (bounded by `max_length`) so that jit compiles a handful of shapes. `"auto"` resolves to `None`
+            as in TRL off Neuron; with `None` collators pad to `max_length` (one shape) when it is set.
+    """
+
+    output_dir: str | None = None
+    per_device_train_batch_size: int = 8
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    learning_rate: float = 5e-05
+    lr_scheduler_type: str = 'linear'
+    lr_scheduler_kwargs: dict | str | None = None
+    warmup_steps: float = 0
+    optim: str = 'adamw_torch_fused'
+    optim_args: str | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-08
+    optim_target_modules: str | list[str] | None = None
+    gradient_accumulation_steps: int = 1
+    average_tokens_across_devices: bool = True
+    max_grad_norm: float = 1.0
+    label_smoothing_factor: float = 0.0
+    bf16: bool = False
+    fp16: bool = False
+    bf16_full_eval: bool = False
+    fp16_full_eval: bool = False
+    tf32: bool | None = None
+    activation_checkpointing: bool | None = None
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = None
+    gradient_checkpointing: bool | None = None
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = None
+    torch_compile: bool = False
+    torch_compile_backend: str | None = None
+    torch_compile_mode: str | None = None
+    use_liger_kernel: bool = False
+    liger_kernel_config: dict[str, bool] | None = None
+    use_cache: bool = False
+    neftune_noise_alpha: float | None = None
+    torch_empty_cache_steps: int | None = None
+    auto_find_batch_size: bool = False
+    logging_strategy: str = 'steps'
+    logging_steps: float = 500
+    logging_first_step: bool = False
+    log_on_each_node: bool = True
+    logging_nan_inf_filter: bool = True
+    include_num_input_tokens_seen: str | bool = 'no'
+    log_level: str = 'passive'
+    log_level_replica: str = 'warning'
+    disable_tqdm: bool | None = None
+    report_to: str | list[str] | None = 'none'
+    run_name: str | None = None
+    project: str = 'huggingface'
+    trackio_space_id: str | None = None
+    trackio_bucket_id: str | None = None
+    trackio_static_space_id: str | bool | None = None
+    eval_strategy: str = 'no'
+    eval_steps: float | None = None
+    eval_delay: float = 0
+    per_device_eval_batch_size: int = 8
+    prediction_loss_only: bool = False
+    eval_on_start: bool = False
+    eval_do_concat_batches: bool = True
+    eval_use_gather_object: bool = False
+    eval_accumulation_steps: int | None = None
+    include_for_metrics: list[str] = field(default_factory=lambda: [])
+    batch_eval_metrics: bool = False
+    save_only_model: bool = False
+    save_strategy: str = 'steps'
+    save_steps: float = 500
+    save_on_each_node: bool = False
+    save_total_limit: int | None = None
+    enable_jit_checkpoint: bool = False
+    push_to_hub: bool = False
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+    hub_model_id: str | None = None
+    hub_strategy: str = 'every_save'
+    hub_always_push: bool = False
+    hub_revision: str | None = None
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
+    ignore_data_skip: bool = False
+    restore_callback_states_from_checkpoint: bool = False
+    full_determinism: bool = False
+    seed: int = 42
+    data_seed: int | None = None
+    use_cpu: bool = False
+    accelerator_config: dict | str | None = None
+    parallelism_config: Any | None = None
+    dataloader_drop_last: bool = False
+    dataloader_num_workers: int = 0
+    dataloader_pin_memory: bool = True
+    dataloader_persistent_workers: bool = False
+    dataloader_prefetch_factor: int | None = None
+    dataloader_multiprocessing_context: str | None = None
+    dataloader_in_order: bool = True
+    remove_unused_columns: bool = True
+    label_names: list[str] | None = None
+    train_sampling_strategy: str = 'random'
+    length_column_name: str = 'length'
+    ddp_find_unused_parameters: bool | None = None
+    ddp_bucket_cap_mb: int | None = None
+    ddp_broadcast_buffers: bool | None = None
+    ddp_static_graph: bool | None = None
+    ddp_backend: str | None = None
+    ddp_timeout: int = 1800
+    fsdp: str | None = None
+    fsdp_config: dict[str, Any] | str | None = None
+    deepspeed: dict | str | None = None
+    debug: str | list[str] = ''
+    skip_memory_metrics: bool = True
+    do_train: bool = False
+    do_eval: bool = False
+    do_predict: bool = False
+    resume_from_checkpoint: str | None = None
+    local_rank: int = -1
+    # ---- JAX-only fields ----
+    mesh_shape: tuple[int, ...] | None = None
+    mesh_axis_names: tuple[str, ...] = ("data", "fsdp", "tensor")
+    param_dtype: str = "float32"
+    compute_dtype: str | None = None
+    remat_policy: str | None = None
+    scan_layers: bool = False
+    logprob_chunk_size: int = 256
+    pad_to_multiple_of: int | str | None = "auto"
+
+    def __post_init__(self):
+        self._warn_torch_only()
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"
+        if self.output_dir is not None:
+            self.output_dir = os.path.expanduser(self.output_dir)
+        for name in ("lr_scheduler_kwargs", "model_init_kwargs", "dataset_kwargs", "generation_kwargs",
+                     "chat_template_kwargs", "accelerator_config", "fsdp_config", "deepspeed"):
+            value = getattr(self, name, None)
+            if isinstance(value, str) and value.startswith("{"):
+                setattr(self, name, json.loads(value))
+        # transformers 5: `gradient_checkpointing` is an alias of `activation_checkpointing`.
+        if self.activation_checkpointing is None and self.gradient_checkpointing is not None:
+            self.activation_checkpointing = self.gradient_checkpointing
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = False
+        self.gradient_checkpointing = self.activation_checkpointing
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is not None:
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
+        if self.disable_tqdm is None:
+            self.disable_tqdm = logging.getLogger("trl_jax").getEffectiveLevel() > logging.WARN
+        if isinstance(self.include_num_input_tokens_seen, bool):
+            self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
+        for name, allowed in (("eval_strategy", _INTERVALS), ("logging_strategy", _INTERVALS),
+                              ("save_strategy", _SAVE_STRATEGIES)):
+            value = str(getattr(self, name)).lower()
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+            setattr(self, name, value)
+        if self.do_eval is False and self.eval_strategy != "no":
+            self.do_eval = True
+        if self.eval_strategy == "steps" and not self.eval_steps:
+            if self.logging_steps > 0:
+                self.eval_steps = self.logging_steps
+            else:
+                raise ValueError("`eval_strategy='steps'` needs a non-zero `eval_steps` or `logging_steps`.")
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and value > 1:
+                if value != int(value):
+                    raise ValueError(f"`{name}` must be an integer when larger than 1, got {value}.")
+                setattr(self, name, int(value))
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        if self.report_to in ("none", ["none"], None):
+            self.report_to = []
+        elif self.report_to == "all" or self.report_to == ["all"]:
+            self.report_to = ["tensorboard", "wandb"]
+        elif not isinstance(self.report_to, list):
+            self.report_to = [self.report_to]
+        if self.fp16 and self.bf16:
+            raise ValueError("At most one of `fp16` and `bf16` can be True.")
+        if self.warmup_steps < 0:
+            raise ValueError("`warmup_steps` must be >= 0 (a value below 1 is a ratio of the total steps).")
+        # pad_to_multiple_of: the CLI passes strings; "auto" resolves to None as TRL does off Neuron.
+        if isinstance(self.pad_to_multiple_of, str):
+            text = self.pad_to_multiple_of.lower()
+            self.pad_to_multiple_of = None if text in ("auto", "none", "null") else int(text)
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of <= 0:
+            raise ValueError(f"`pad_to_multiple_of` must be a positive int or None, got {self.pad_to_multiple_of}.")
+        # JAX fields
+        if self.mesh_shape is not None:
+            self.mesh_shape = tuple(int(x) for x in self.mesh_shape)
+            if len(self.mesh_shape) != len(self.mesh_axis_names):
+                raise ValueError(
+                    f"`mesh_shape` {self.mesh_shape} has {len(self.mesh_shape)} axes but `mesh_axis_names` "
+                    f"{tuple(self.mesh_axis_names)} has {len(self.mesh_axis_names)}; give one size per axis name."
+                )
+            if sum(1 for x in self.mesh_shape if x == -1) > 1:
+                raise ValueError(f"At most one `mesh_shape` entry may be -1, got {self.mesh_shape}.")
+        self.mesh_axis_names = tuple(self.mesh_axis_names)
+        if self.param_dtype not in _DTYPES:
+            raise ValueError(f"`param_dtype` must be one of {_DTYPES}, got {self.param_dtype!r}.")
+        if self.compute_dtype is None:
+            self.compute_dtype = "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"`compute_dtype` must be one of {_DTYPES}, got {self.compute_dtype!r}.")
+        if self.remat_policy is None:
+            self.remat_policy = "nothing_saveable" if self.gradient_checkpointing else "none"
+        if self.remat_policy not in _REMAT_POLICIES:
+            raise ValueError(f"`remat_policy` must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}.")
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size <= 0:
+            raise ValueError(f"`logprob_chunk_size` must be positive, got {self.logprob_chunk_size}.")
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel size: product of the `data` and `fsdp` mesh axes (all devices when `mesh_shape` is None).
+
+        It plays the role of TRL's `world_size` (number of processes, one per GPU): the global batch is
+        `per_device_train_batch_size * world_size`.
+        """
+        import jax
+
+        n = jax.device_count()
+        if self.mesh_shape is None:
+            return n
+        shape = list(self.mesh_shape)
+        if -1 in shape:
+            known = math.prod(x for x in shape if x != -1)
+            shape[shape.index(-1)] = n // known
+        size = 1
+        for name, dim in zip(self.mesh_axis_names, shape, strict=True):
+            if name in ("data", "fsdp"):
+                size *= dim
+        return size
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.world_size
+
+
+@dataclass
+class BaseConfig(TrainingArgumentsJax):
+    """TRL's `_BaseConfig` defaults (`logging_steps=10`, `gradient_checkpointing=True`, `bf16=None` -> `not fp16`)."""
+
+    bf16: bool | None = None
+    gradient_checkpointing: bool = True
+    logging_steps: float = 10
+    lr_scheduler_kwargs: dict | str | None = None
+    use_liger_kernel: bool = False
+    torch_empty_cache_steps: int | None = None
+
+    def __post_init__(self):
+        self.bf16 = (not self.fp16) if self.bf16 is None else self.bf16
+        super().__post_init__()
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+
+
+@dataclass
+class SFTConfig(BaseConfig):
+    """Fields and defaults of `trl.SFTConfig` (1.16) + `JAX_FIELDS`."""
+
+    learning_rate: float = 2e-05
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    router_aux_loss_coef: float | None = None
+    chat_template_path: str | None = None
+    dataset_text_field: str = 'text'
+    dataset_kwargs: dict[str, Any] | str | None = None
+    dataset_num_proc: int | None = None
+    eos_token: str | None = None
+    max_length: int | None = 1024
+    truncation_mode: str = 'keep_start'
+    shuffle_dataset: bool = False
+    packing: bool = False
+    packing_strategy: str = 'bfd'
+    padding_free: bool = False
+    pad_to_multiple_of: int | str | None = 'auto'
+    eval_packing: bool | None = None
+    completion_only_loss: bool | None = None
+    assistant_only_loss: bool = False
+    loss_type: str = 'nll'
+    activation_offloading: bool = False
+    pad_token: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type == "chunked_nll":  # deprecated alias in TRL 1.16
+            warnings.warn("`loss_type='chunked_nll'` is deprecated; use 'nll'.", FutureWarning, stacklevel=3)
+            self.loss_type = "nll"
+        _check_choice("loss_type", self.loss_type, ("nll", "dft"))
+        if self.packing_strategy == "bfd-requeue":
+            warnings.warn("`bfd-requeue` was renamed `bfd_split`.", FutureWarning, stacklevel=3)
+            self.packing_strategy = "bfd_split"
+        _check_choice("packing_strategy", self.packing_strategy, ("bfd", "bfd_split", "wrapped"))
+        _check_choice("truncation_mode", self.truncation_mode, ("keep_start", "keep_end"))
+        if self.packing and self.max_length is None:
+            raise ValueError("When packing is enabled, `max_length` can't be `None`.")
+
+
+@dataclass
+class DPOConfig(BaseConfig):
+    """Fields and defaults of `trl.DPOConfig` (1.16) + `JAX_FIELDS`.
+
+    TRL 1.16 has no `max_prompt_length` / `max_completion_length`: `max_length` truncates each prompt+completion
+    sequence in the collator (`truncation_mode`).
+    """
+
+    learning_rate: float = 1e-06
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    router_aux_loss_coef: float | None = None
+    disable_dropout: bool = True
+    dataset_num_proc: int | None = None
+    max_length: int | None = 1024
+    truncation_mode: str = 'keep_start'
+    padding_free: bool = False
+    pad_to_multiple_of: int | str | None = 'auto'
+    precompute_ref_log_probs: bool = False
+    precompute_ref_batch_size: int | None = None
+    loss_type: list[str] = field(default_factory=lambda: ['sigmoid'])
+    loss_weights: list[float] | None = None
+    ld_alpha: float | None = None
+    f_divergence_type: str = 'reverse_kl'
+    f_alpha_divergence_coef: float = 0.5
+    label_smoothing: float = 0.0
+    beta: float = 0.1
+    use_weighting: bool = False
+    discopop_tau: float = 0.05
+    activation_offloading: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    pad_token: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        self.loss_type = list(self.loss_type)
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                "`loss_weights` must have the same length as `loss_type` when combining multiple losses. "
+                f"Got {len(self.loss_weights)} weights for {len(self.loss_type)} loss types."
+            )
+        _check_choice("truncation_mode", self.truncation_mode, ("keep_start", "keep_end"))
+        super().__post_init__()
+
+
+@dataclass
+class KTOConfig(BaseConfig):
+    """Fields and defaults of `trl.KTOConfig` (1.16) + `JAX_FIELDS`."""
+
+    learning_rate: float = 1e-06
+    train_sampling_strategy: str = 'sequential'
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    router_aux_loss_coef: float | None = None
+    disable_dropout: bool = True
+    dataset_num_proc: int | None = None
+    max_length: int | None = 1024
+    pad_to_multiple_of: int | str | None = 'auto'
+    precompute_ref_log_probs: bool = False
+    precompute_ref_batch_size: int | None = None
+    loss_type: str = 'kto'
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    activation_offloading: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("loss_type", self.loss_type, ("kto", "apo_zero_unpaired"))
+
+
+@dataclass
+class GRPOConfig(BaseConfig):
+    """Fields and defaults of `trl.GRPOConfig` (1.16) + `JAX_FIELDS`.
+
+    `generation_batch_size` / `steps_per_generation` are resolved as TRL does, with `world_size` = data-parallel
+    devices (see `TrainingArgumentsJax.world_size`).
+    """
+
+    learning_rate: float = 1e-06
+    remove_unused_columns: bool | None = False
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    router_aux_loss_coef: float | None = None
+    disable_dropout: bool = False
+    cast_lm_head_to_fp32: bool = False
+    num_generations: int | None = 8
+    num_generations_eval: int | None = None
+    max_completion_length: int | None = 512
+    ds3_gather_for_generation: bool = True
+    shuffle_dataset: bool | None = True
+    pad_to_multiple_of: int | str | None = 'auto'
+    generation_batch_size: int | None = None
+    steps_per_generation: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    generation_kwargs: dict | str | None = None
+    chat_template_kwargs: dict | str | None = None
+    repetition_penalty: float = 1.0
+    cache_implementation: str | None = None
+    use_vllm: bool = False
+    vllm_mode: str = 'colocate'
+    vllm_model_impl: str = 'vllm'
+    vllm_enable_sleep_mode: bool = False
+    vllm_structured_outputs_regex: str | None = None
+    vllm_server_base_url: str | None = None
+    vllm_server_host: str = '0.0.0.0'
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = 240.0
+    vllm_group_port: int = 51216
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_max_model_length: int | None = None
+    vllm_tensor_parallel_size: int = 1
+    beta: float = 0.0
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    delta: float | None = None
+    epsilon_high: float | None = None
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    importance_sampling_level: str = 'token'
+    reward_weights: list[float] | None = None
+    multi_objective_aggregation: str = 'sum_then_normalize'
+    scale_rewards: str = 'group'
+    loss_type: str = 'dapo'
+    mask_truncated_completions: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    top_entropy_quantile: float = 1.0
+    entropy_coef: float = 0.0
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
+    max_tool_calling_iterations: int | None = None
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = 'sequence_mask'
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
+    off_policy_mask_threshold: float | None = None
+    use_bias_correction_kl: bool = True
+    log_completions: bool = False
+    log_multimodal: bool = True
+    num_completions_to_print: int | None = None
+    log_unique_prompts: bool = False
+    log_completions_hub_repo: str | None = None
+    use_transformers_continuous_batching: bool = False
+    transformers_continuous_batching_config: dict | str | None = None
+    use_transformers_paged: bool = False
+    vllm_importance_sampling_cap: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.use_transformers_paged:
+            self.use_transformers_continuous_batching = True
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        if self.log_completions_hub_repo is not None and not self.log_completions:
+            raise ValueError("`log_completions_hub_repo` is set but `log_completions` is False; enable it or unset.")
+        num_processes = self.world_size
+        global_batch = self.per_device_train_batch_size * num_processes
+        if self.generation_batch_size is None and self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        elif self.generation_batch_size is not None and self.steps_per_generation is None:
+            if self.generation_batch_size % global_batch != 0:
+                raise ValueError(
+                    f"generation_batch_size ({self.generation_batch_size}) must be divisible by the global batch "
+                    f"size ({global_batch})."
+                )
+            self.steps_per_generation = self.generation_batch_size // global_batch
+        elif self.generation_batch_size is None and self.steps_per_generation is not None:
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        else:
+            raise ValueError("'generation_batch_size' and 'steps_per_generation' can not be both configured.")
+        if self.do_eval and self.eval_strategy != "no":
+            num_generations = self.num_generations_eval or self.num_generations
+            if (self.per_device_eval_batch_size * num_processes) % num_generations != 0:
+                raise ValueError(
+                    f"The global eval batch size ({self.per_device_eval_batch_size} * {num_processes}) must be "
+                    f"divisible by the number of generations used for evaluation ({num_generations})."
+                )
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"generation_batch_size ({self.generation_batch_size}) must be divisible by num_generations "
+                f"({self.num_generations})."
+            )
+        if self.num_generations < 2:
+            raise ValueError(
+                f"GRPO needs at least 2 generations per prompt for the advantages; got {self.num_generations}."
+            )
+        if self.vllm_importance_sampling_cap is not None:
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
+
+
+@dataclass
+class OnlineDPOConfig(BaseConfig):
+    """Fields and defaults of `trl.experimental.online_dpo.OnlineDPOConfig` (1.16) + `JAX_FIELDS`."""
+
+    learning_rate: float = 5e-07
+    remove_unused_columns: bool = False
+    reward_model_path: str | None = None
+    max_new_tokens: int = 64
+    max_length: int = 512
+    temperature: float = 0.9
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    generation_kwargs: dict | None = None
+    cache_implementation: str | None = None
+    missing_eos_penalty: float | None = None
+    beta: list[float] = field(default_factory=lambda: [0.1])
+    loss_type: str = 'sigmoid'
+    disable_dropout: bool = True
+    use_vllm: bool = False
+    vllm_model_impl: str = 'vllm'
+    vllm_structured_outputs_regex: str | None = None
+    vllm_gpu_memory_utilization: float | None = 0.55
+    vllm_mode: str = 'colocate'
+    vllm_server_base_url: str | None = None
+    vllm_server_host: str = '0.0.0.0'
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = 240.0
+    vllm_group_port: int = 51216
+    vllm_tensor_parallel_size: int = 1
+    vllm_enable_sleep_mode: bool = False
+    ds3_gather_for_generation: bool = True
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    reward_weights: list[float] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if hasattr(self.beta, "__len__") and len(self.beta) == 1:
+            self.beta = self.beta[0]
+        _check_choice("loss_type", self.loss_type, ("sigmoid", "ipo"))
+        if self.max_new_tokens >= self.max_length:
+            warnings.warn(
+                f"`max_new_tokens` ({self.max_new_tokens}) >= `max_length` ({self.max_length}): prompts will be "
+                "truncated or removed in the forward pass.",
+                stacklevel=3,
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Script-level argument groups of TRL's CLI (`trl.ModelConfig`, `trl.ScriptArguments`, `trl.scripts.utils`).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig(_ConfigMixin):
+    """Field names and defaults of `trl.ModelConfig`. PEFT/quantization fields are accepted; trl_jax ignores them."""
+
+    model_name_or_path: str | None = None
+    model_revision: str = "main"
+    dtype: str | None = "float32"
+    attn_implementation: str | None = None
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+    lora_target_parameters: list[str] | None = None
+    lora_modules_to_save: list[str] | None = None
+    lora_task_type: str = "CAUSAL_LM"
+    use_rslora: bool = False
+    use_dora: bool = False
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    use_bnb_nested_quant: bool = False
+    bnb_4bit_quant_storage: str | None = None
+
+
+@dataclass
+class ScriptArguments(_ConfigMixin):
+    """Field names and defaults of `trl.ScriptArguments`."""
+
+    dataset_name: str | None = None
+    dataset_config: str | None = None
+    dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
+    dataset_streaming: bool = False
+    ignore_bias_buffers: bool = False
+
+
+@dataclass
+class DatasetConfig(_ConfigMixin):
+    """One entry of `DatasetMixtureConfig.datasets` (`trl.scripts.utils.DatasetConfig`)."""
+
+    path: str = ""
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | dict[str, str] | None = None
+    split: str = "train"
+    columns: list[str] | None = None
+    fraction: float | None = None
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("A `datasets:` entry needs a `path` (hub id, local directory or data file).")
+
+
+@dataclass
+class DatasetMixtureConfig(_ConfigMixin):
+    """`trl.scripts.utils.DatasetMixtureConfig`: `datasets:` is a list of `DatasetConfig` mappings."""
+
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    streaming: bool = False
+    test_split_size: float | None = None
+
+    def __post_init__(self):
+        self.datasets = [d if isinstance(d, DatasetConfig) else DatasetConfig.from_dict(d) for d in self.datasets]
+
+
+class RunConfig(NamedTuple):
+    """What a TRL YAML run config holds: trainer args, model args, script args and the dataset mixture."""
+
+    args: Any
+    model_args: ModelConfig
+    script_args: ScriptArguments
+    dataset_args: DatasetMixtureConfig
+
+
+def load_config(source, config_cls=SFTConfig, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a TRL-style run config (YAML path or dict) the way `trl.scripts.utils.TrlParser` does.
+
+    * A top-level `env:` mapping is exported to `os.environ` (values stringified).
+    * Each key goes to every group that has a field of that name (trainer config, `ModelConfig`, `ScriptArguments`,
+      `DatasetMixtureConfig`); a key no group knows raises `TypeError` suggesting the closest name.
+    * `overrides` (e.g. `--field value` pairs from a CLI, values may be strings) take precedence over the file.
+    """
+    if isinstance(source, dict):
+        values = dict(source)
+    else:
+        import yaml
+
+        with open(source, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"Config file {source} must contain a YAML mapping, got {type(values).__name__}.")
+    env = values.pop("env", None)
+    if env is not None:
+        if not isinstance(env, dict):
+            raise ValueError("`env` must be a mapping of environment variable names to values.")
+        for key, value in env.items():
+            os.environ[str(key)] = str(value)
+    values.update(overrides or {})
+    groups = [config_cls, ModelConfig, ScriptArguments, DatasetMixtureConfig]
+    buckets: list[dict[str, Any]] = [{} for _ in groups]
+    for key, value in values.items():
+        matched = False
+        for group, bucket in zip(groups, buckets, strict=True):
+            if key in group.__dataclass_fields__:
+                bucket[key] = value
+                matched = True
+        if not matched:
+            all_names = [n for g in groups for n in _field_names(g)]
+            close = difflib.get_close_matches(key, all_names, n=1, cutoff=0.6)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise TypeError(
+                f"Unknown config key `{key}` (not a field of {config_cls.__name__}, ModelConfig, ScriptArguments or "
+                f"DatasetMixtureConfig).{hint}"
+            )
+    return RunConfig(*(group.from_dict(bucket) for group, bucket in zip(groups, buckets, strict=True)))

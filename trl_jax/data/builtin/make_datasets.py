@@ -1,0 +1,76 @@
+"""Deterministic generator of the tiny builtin datasets (run: `python -m trl_jax.data.builtin.make_datasets`).
+
+* `arithmetic_sft.jsonl`: `messages` (user asks "What is a+b?" / "a-b" / "a*b", assistant answers the number),
+  plus an exact `answer` column. Train/test splits: `arithmetic_sft.jsonl` / `arithmetic_sft_test.jsonl`.
+* `arithmetic_preference.jsonl`: `prompt` / `chosen` / `rejected` (conversational); chosen is the right answer,
+  rejected an off-by-a-few wrong one.
+* `arithmetic_prompts.jsonl`: `prompt` (conversational) and `answer` (exact-match string) for GRPO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPS = ("+", "-", "*")
+
+
+def _problem(rng: random.Random) -> tuple[str, str]:
+    op = rng.choice(OPS)
+    if op == "*":
+        a, b = rng.randint(0, 12), rng.randint(0, 12)
+    else:
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        if op == "-" and b > a:
+            a, b = b, a
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"What is {a}{op}{b}?", str(value)
+
+
+def _wrong(rng: random.Random, answer: str) -> str:
+    delta = rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    return str(max(int(answer) + delta, 0) if int(answer) + delta != int(answer) else int(answer) + 1)
+
+
+def _write(name: str, rows: list[dict]) -> None:
+    with open(os.path.join(HERE, name), "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def make_all(n_train: int = 400, n_test: int = 100, seed: int = 1234) -> None:
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    problems = []
+    while len(problems) < n_train + n_test:
+        q, a = _problem(rng)
+        if q not in seen:
+            seen.add(q)
+            problems.append((q, a))
+    train, test = problems[:n_train], problems[n_train:]
+
+    def sft_row(q, a):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "answer": a}
+
+    _write("arithmetic_sft.jsonl", [sft_row(q, a) for q, a in train])
+    _write("arithmetic_sft_test.jsonl", [sft_row(q, a) for q, a in test])
+    pref = []
+    for q, a in train:
+        wrong = _wrong(rng, a)
+        if wrong == a:
+            wrong = str(int(a) + 1)
+        pref.append({
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        })
+    _write("arithmetic_preference.jsonl", pref)
+    _write("arithmetic_prompts.jsonl", [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in train])
+    _write("arithmetic_prompts_test.jsonl",
+           [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in test])
+
+
+if __name__ == "__main__":
+    make_all()
