@@ -403,3 +403,20 @@ def test_jit_with_static_config_and_bf16_inputs():
     for beta in (0.1, 0.3):
         static = dpo_loss(inputs, loss_type=["sigmoid", "ipo"], beta=beta)[0]
         np.testing.assert_allclose(g(inputs, jnp.float32(beta)), static, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["ipo", "sft"], ["aot"], ["bco_pair"]])
+def test_example_mask_drops_padding_pairs(loss_type):
+    """A fixed-shape batch padded with dummy pairs (example_mask 0) gives the unpadded batch's loss and metrics."""
+    rng = np.random.default_rng(5)
+    real = DPOInputs(*[jnp.asarray(rng.normal(size=6).astype(np.float32) - 5) for _ in range(4)],
+                     chosen_lengths=jnp.full(6, 3.0), rejected_lengths=jnp.full(6, 4.0),
+                     chosen_nll=jnp.asarray(rng.random(6).astype(np.float32)), chosen_token_counts=jnp.full(6, 3.0))
+    padded = DPOInputs(*[jnp.concatenate([x, jnp.zeros(2)]) if x is not None else None for x in real])
+    mask = jnp.array([1, 1, 1, 1, 1, 1, 0, 0])
+    ref = dpo_loss_terms(real, beta=0.2, loss_type=loss_type)
+    got = dpo_loss_terms(padded, beta=0.2, loss_type=loss_type, example_mask=mask)
+    np.testing.assert_allclose(float(got.loss), float(ref.loss), rtol=1e-6)
+    assert float(got.denominator) == 6.0
+    for k, v in ref.metrics.items():
+        np.testing.assert_allclose(float(got.metrics[k]), float(v), rtol=1e-6, atol=1e-7, err_msg=k)

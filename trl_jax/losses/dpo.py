@@ -253,7 +253,19 @@ def wpo_weights(token_logps, log_sum_sq_probs, mask):
     return jnp.exp(masked_sum(aligned, mask, -1) / lengths)
 
 
-def _per_pair_loss(loss_type, *, beta, label_smoothing, discopop_tau, inputs: DPOInputs, lr_c, lr_r, s_c, s_r):
+def _sorted_pairwise(a, b, keep):
+    """``sort(a) - sort(b)`` over the kept pairs only (TRL's AOT), returned per row: the j-th smallest difference
+    lands on the j-th kept row and padding rows get 0."""
+    if keep is None:
+        return jnp.sort(a) - jnp.sort(b)
+    high = jnp.finfo(jnp.float32).max
+    d = jnp.sort(jnp.where(keep, a, high)) - jnp.sort(jnp.where(keep, b, high))
+    rows = jnp.argsort(~keep, stable=True)  # kept rows first, in order
+    return jnp.zeros_like(d).at[rows].set(d)
+
+
+def _per_pair_loss(loss_type, *, beta, label_smoothing, discopop_tau, inputs: DPOInputs, lr_c, lr_r, s_c, s_r,
+                   keep=None):
     """One loss type's ``[B]`` per-pair loss. ``lr_*``: log-ratios; ``s_*``: f-divergence scores."""
     logsig = jax.nn.log_sigmoid
     delta = s_c - s_r
@@ -293,9 +305,9 @@ def _per_pair_loss(loss_type, *, beta, label_smoothing, discopop_tau, inputs: DP
         if loss_type == "aot":
             pi = as_f32(inputs.chosen_logps) - as_f32(inputs.rejected_logps)
             ref = as_f32(inputs.ref_chosen_logps) - as_f32(inputs.ref_rejected_logps)
-            d = jnp.sort(pi) - jax.lax.stop_gradient(jnp.sort(ref))
+            d = _sorted_pairwise(pi, jax.lax.stop_gradient(ref), keep)
         else:
-            d = jnp.sort(lr_c) - jnp.sort(lr_r)
+            d = _sorted_pairwise(lr_c, lr_r, keep)
         return -logsig(beta * d) * (1.0 - label_smoothing) - logsig(-beta * d) * label_smoothing
     if loss_type == "apo_zero":
         return (1.0 - jax.nn.sigmoid(beta * lr_c)) + jax.nn.sigmoid(beta * lr_r)
@@ -333,6 +345,7 @@ def dpo_loss_terms(
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
+    example_mask: jax.Array | None = None,
 ) -> LossTerms:
     """DPO loss from per-pair sequence log-probs, as ``DPOTrainer._compute_loss`` (trl 1.16).
 
@@ -347,6 +360,8 @@ def dpo_loss_terms(
         ``LossTerms(numerator=Σ_pairs Σ_k w_k ℓ_k, denominator=B, metrics)`` with metrics ``rewards/chosen``,
         ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
         With ``inputs.pair_weights`` set, every per-pair loss is multiplied by it (WPO).
+        ``example_mask`` (``[B]``, 1 = real pair): padding pairs of a fixed-shape batch are left out of the
+        numerator, the denominator (then ``Σ mask``) and the metrics, so the result equals the unpadded batch's.
     """
     loss_types, weights = _normalize_loss_types(loss_type, loss_weights)
     _check_config(loss_types, f_divergence_type, label_smoothing, inputs.pair_weights is not None)
@@ -381,22 +396,34 @@ def dpo_loss_terms(
             lr_r=lr_r,
             s_c=s_c,
             s_r=s_r,
+            keep=None if example_mask is None else jnp.asarray(example_mask, bool),
         )
         if pair_weights is not None:
             ell = ell * pair_weights
         per_pair = per_pair + w * ell
 
+    if example_mask is None:
+        keep = jnp.ones(chosen_logps.shape, bool)
+        count = jnp.asarray(chosen_logps.shape[0], jnp.float32)
+    else:
+        keep = jnp.asarray(example_mask, bool)
+        _check_vector("example_mask", keep, batch)
+        count = masked_count(keep)
+
+    def mean(x):
+        return masked_sum(x, keep) / jnp.maximum(count, 1.0)
+
     chosen_rewards = jax.lax.stop_gradient(beta * lr_c)
     rejected_rewards = jax.lax.stop_gradient(beta * lr_r)
     metrics = {
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "logps/chosen": jnp.mean(jax.lax.stop_gradient(chosen_logps)),
-        "logps/rejected": jnp.mean(jax.lax.stop_gradient(rejected_logps)),
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+        "rewards/margins": mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": mean(jax.lax.stop_gradient(chosen_logps)),
+        "logps/rejected": mean(jax.lax.stop_gradient(rejected_logps)),
     }
-    return LossTerms(jnp.sum(per_pair), jnp.asarray(chosen_logps.shape[0], jnp.float32), metrics)
+    return LossTerms(masked_sum(per_pair, keep), count, metrics)
 
 
 def dpo_loss(inputs: DPOInputs, **config) -> tuple[jax.Array, dict]:

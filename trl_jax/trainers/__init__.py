@@ -1,6 +1,8 @@
 """Trainer facades with TRL's constructor shape and config names."""
 
 from trl_jax.trainers.base import BaseTrainer, TrainOutput
+from trl_jax.trainers.callbacks import TrainerControl, TrainerState
+from trl_jax.trainers.dpo import DPOTrainer
 from trl_jax.trainers.sft import SFTTrainer
 
-__all__ = ["BaseTrainer", "SFTTrainer", "TrainOutput"]
+__all__ = ["BaseTrainer", "DPOTrainer", "SFTTrainer", "TrainOutput", "TrainerControl", "TrainerState"]

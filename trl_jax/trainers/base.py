@@ -13,6 +13,7 @@ checkpoint at step ``k`` continues exactly as the uninterrupted run would.
 from __future__ import annotations
 
 import abc
+import json
 import math
 import os
 import sys
@@ -29,7 +30,16 @@ from trl_jax.losses.base import LossTerms
 from trl_jax.parallel import batch_parallel_size, make_mesh
 from trl_jax.parallel.sharding import shard_batch
 from trl_jax.train import Checkpointer, TrainState, make_eval_step, make_train_step, optimizer_from_args
+from trl_jax.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from trl_jax.trainers.logging import MetricsLogger
+
+def reject_unsupported(trainer: str, **kwargs) -> None:
+    """TRL constructor arguments trl_jax does not implement must not be silently ignored."""
+    given = sorted(k for k, v in kwargs.items() if v is not None)
+    if given:
+        raise TypeError(f"{trainer}: {', '.join(given)} not supported by trl_jax (yet); remove them. See the README's "
+                        "'Differences from TRL' section.")
+
 
 # jax.checkpoint_policies names -> the models' remat option names.
 _REMAT_ALIASES = {"nothing_saveable": "full", "everything_saveable": "none", None: "none"}
@@ -59,12 +69,14 @@ class BaseTrainer(abc.ABC):
     _pad_last_batch = True
 
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
-                 callbacks=None, ref_model=None):
+                 callbacks=None, ref_model=None, data_collator=None):
         if args is None:
             name = model if isinstance(model, str) else "model"
             args = self.config_class(output_dir=f"{os.path.basename(str(name).rstrip('/'))}-{self._tag.upper()}")
         self.args = args
-        self.callbacks = list(callbacks or [])
+        self.callback_handler = CallbackHandler(callbacks)
+        self.trainer_state = TrainerState(logging_steps=args.logging_steps, eval_steps=args.eval_steps,
+                                          save_steps=args.save_steps)
         self.mesh = make_mesh(args.mesh_shape, args.mesh_axis_names)
         self.model, self.params, model_path = self._load_model(model)
         self.processing_class = self._load_tokenizer(processing_class, model_path)
@@ -74,7 +86,8 @@ class BaseTrainer(abc.ABC):
         self.state: TrainState | None = None
         self._train_step = None
         self._eval_step = None
-        self.log_history: list[dict] = []
+        self.log_history: list[dict] = self.trainer_state.log_history
+        self.data_collator = data_collator
 
     # ------------------------------------------------------------------ loading
     def _load_model(self, model):
@@ -199,10 +212,17 @@ class BaseTrainer(abc.ABC):
     def _device_batch(self, batch):
         return shard_batch(batch, self.mesh) if self.mesh is not None else batch
 
+    def _make_batch(self, rows: list[dict], num_rows: int) -> dict[str, np.ndarray]:
+        """A user ``data_collator`` (rows -> dict of fixed-shape numpy arrays with the keys the loss reads) if
+        given, else the trainer's own collator."""
+        if self.data_collator is not None:
+            return {k: np.asarray(v) for k, v in self.data_collator(rows).items()}
+        return self._collate(rows, num_rows)
+
     def _batch_for_step(self, step: int):
         idx = self._rows_for_step(step)
         rows = [self.train_dataset[i] for i in idx]
-        return self._collate(rows, self.step_rows)
+        return self._make_batch(rows, self.step_rows)
 
     # ------------------------------------------------------------------ state
     def _build(self, total_steps: int):
@@ -248,6 +268,7 @@ class BaseTrainer(abc.ABC):
 
     # ------------------------------------------------------------------ loop
     def train(self, resume_from_checkpoint=None) -> TrainOutput:
+        """Run the loop; returns ``TrainOutput(global_step, training_loss, metrics)``."""
         args = self.args
         if self.train_dataset is None:
             raise ValueError("train() needs a train_dataset.")
@@ -256,56 +277,130 @@ class BaseTrainer(abc.ABC):
         if self.state is None:
             self._build(total)
         os.makedirs(args.output_dir, exist_ok=True)
-        ckpt = self._checkpointer() if args.save_strategy != "no" else None
-        start = self._resume(resume_from_checkpoint, ckpt or self._checkpointer())
+        ckpt = self._checkpointer()
+        start = self._resume(resume_from_checkpoint, ckpt)
+        counters = self._load_counters(start) if start else {}
         logger = MetricsLogger(args, total, start_step=start, log_history=self.log_history)
         spe = self.steps_per_epoch()
-        window, counters = [], {}
-        t_window = time.perf_counter()
-        tokens_window = 0.0
+        ts = self.trainer_state
+        ts.max_steps, ts.num_train_epochs, ts.global_step, ts.epoch = total, args.num_train_epochs, start, start / spe
+        ts.train_batch_size = self.step_rows
+        control = self.callback_handler("on_train_begin", args, ts, TrainerControl())
+        window, pending = [], None
+        t_window, tokens_window = time.perf_counter(), 0.0
         running_loss, running_n = 0.0, 0
-        if args.eval_on_start and self.eval_dataset is not None:
-            logger.log(self.evaluate(), start)
-        for step in range(start, total):
-            batch = self._batch_for_step(step)
-            stats = self._batch_stats(batch)
-            for k, v in stats.items():
-                counters[k] = counters.get(k, 0.0) + v
-            tokens_window += stats.get("num_tokens", 0.0)
-            self.state, metrics = self._train_step(self.state, self._device_batch(batch))
-            window.append(metrics)
-            done = step + 1
-            epoch = done / spe
-            logger.progress(done)
-            if self._should(args.logging_strategy, args.logging_steps, done, spe, total) or (
-                    args.logging_first_step and done == 1):
-                host = jax.device_get(window)
-                rec = self._average(host, done)
-                running_loss += rec["loss"] * len(host)
-                running_n += len(host)
-                dt = time.perf_counter() - t_window
-                rec.update(counters)
-                rec["epoch"] = round(epoch, 4)
-                if tokens_window:
-                    rec["train_tokens_per_second"] = round(tokens_window / max(dt, 1e-9), 1)
-                logger.log(rec, done)
-                window, tokens_window, t_window = [], 0.0, time.perf_counter()
-            if self.eval_dataset is not None and self._should(args.eval_strategy, args.eval_steps or args.logging_steps, done, spe, total):
-                logger.log(self.evaluate(), done)
-            if ckpt is not None and self._should(args.save_strategy, args.save_steps, done, spe, total):
-                ckpt.save(done, self.state)
-        if window:
+
+        def flush(done):
+            nonlocal window, t_window, tokens_window, running_loss, running_n
             host = jax.device_get(window)
-            rec = self._average(host, total)
+            rec = self._average(host)
             running_loss += rec["loss"] * len(host)
             running_n += len(host)
-        if ckpt is not None:
+            rec.update(counters)
+            rec["epoch"] = round(done / spe, 4)
+            if tokens_window:
+                rec["train_tokens_per_second"] = round(tokens_window / max(time.perf_counter() - t_window, 1e-9), 1)
+            logger.log(rec, done)
+            self.callback_handler("on_log", args, ts, control, logs=rec)
+            window, tokens_window, t_window = [], 0.0, time.perf_counter()
+
+        def save(done):
+            ckpt.save(done, self.state, force=True)
+            self._save_counters(done, counters)
+            self.callback_handler("on_save", args, ts, control)
+
+        if args.eval_on_start and self.eval_dataset is not None:
+            logger.log(self.evaluate(), start)
+        done = start
+        try:
+            for step in range(start, total):
+                batch = self._batch_for_step(step)
+                stats = self._batch_stats(batch)
+                for k, v in stats.items():
+                    counters[k] = counters.get(k, 0.0) + v
+                tokens_window += stats.get("num_tokens", 0.0)
+                self.state, metrics = self._train_step(self.state, self._device_batch(batch))
+                # Check the previous step's loss while this one runs: one step in flight, no stall.
+                if pending is not None:
+                    self._check_finite(pending, done, ckpt, save)
+                pending = metrics
+                window.append(metrics)
+                done = step + 1
+                self._after_step(done)
+                ts.global_step, ts.epoch = done, done / spe
+                logger.progress(done)
+                control = self.callback_handler("on_step_end", args, ts, control)
+                if self._should(args.logging_strategy, args.logging_steps, done, spe, total) or control.should_log or (
+                        args.logging_first_step and done == 1):
+                    self._check_finite(metrics, done + 1, ckpt, save)
+                    flush(done)
+                    control.should_log = False
+                if self.eval_dataset is not None and (control.should_evaluate or self._should(
+                        args.eval_strategy, args.eval_steps or args.logging_steps, done, spe, total)):
+                    metrics_eval = self.evaluate()
+                    logger.log(metrics_eval, done)
+                    self.callback_handler("on_evaluate", args, ts, control, metrics=metrics_eval)
+                    control.should_evaluate = False
+                if control.should_save or (args.save_strategy != "no" and self._should(
+                        args.save_strategy, args.save_steps, done, spe, total)):
+                    save(done)
+                    control.should_save = False
+                if done % spe == 0:
+                    control = self.callback_handler("on_epoch_end", args, ts, control)
+                if control.should_training_stop:
+                    break
+            if pending is not None:
+                self._check_finite(pending, done + 1, ckpt, save)
+            if window:
+                flush(done)
+        finally:
             ckpt.close()
-        logger.close()
+            logger.close()
         train_loss = running_loss / max(running_n, 1)
-        summary = {"train_loss": train_loss, "epoch": total / spe, "global_step": total}
+        summary = {"train_loss": train_loss, "epoch": done / spe, "global_step": done}
         self.log_history.append(summary)
-        return TrainOutput(total, train_loss, summary)
+        self.callback_handler("on_train_end", args, ts, control)
+        return TrainOutput(done, train_loss, summary)
+
+    def _after_step(self, done: int) -> None:
+        """Hook run after each optimizer step (e.g. TR-DPO's reference sync)."""
+
+    def _check_finite(self, metrics, next_done: int, ckpt, save) -> None:
+        """Stop on a NaN/Inf loss of step ``next_done - 1``. The step skipped that update (non-finite updates are
+        never applied), so the state is the last good one: it is checkpointed before raising."""
+        loss = float(metrics["loss"])
+        if math.isfinite(loss):
+            return
+        bad = next_done - 1
+        good = int(self.state.step)
+        save(good)
+        ckpt.wait()
+        raise FloatingPointError(
+            f"loss is {loss} at step {bad}: the update was skipped and the last good state was saved as step {good} "
+            f"in {ckpt.directory}. Lower learning_rate, set max_grad_norm, check the data for rows without "
+            "completion tokens, or use compute_dtype='float32'; resume with resume_from_checkpoint."
+        )
+
+    # ------------------------------------------------------------------ counters saved with checkpoints
+    def _counters_path(self, step: int) -> str:
+        return os.path.join(self.args.output_dir, "checkpoints", f"trainer_state-{step}.json")
+
+    def _save_counters(self, step: int, counters: dict) -> None:
+        path = self._counters_path(step)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"global_step": step, "counters": counters, "log_history": self.log_history}, f)
+        os.replace(tmp, path)
+
+    def _load_counters(self, step: int) -> dict:
+        path = self._counters_path(step)
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if not self.log_history:
+            self.log_history.extend(saved.get("log_history", []))
+        return dict(saved.get("counters", {}))
 
     @staticmethod
     def _should(strategy: str, every, done: int, spe: int, total: int) -> bool:
@@ -322,16 +417,10 @@ class BaseTrainer(abc.ABC):
             return False
         raise ValueError(f"unknown strategy {strategy!r}; use 'no', 'steps' or 'epoch'.")
 
-    def _average(self, host_metrics: list[dict], step: int) -> dict:
-        """Average a logging window like transformers does (loss, metrics); last value for lr / grad_norm."""
-        losses = np.array([float(m["loss"]) for m in host_metrics])
-        bad = ~np.isfinite(losses)
-        if bad.any():
-            first = step - len(host_metrics) + 1 + int(np.argmax(bad))
-            raise FloatingPointError(
-                f"loss became {losses[bad][0]} at step {first}. Lower learning_rate, set max_grad_norm, check the "
-                "data for empty completions (all-masked batches) or use compute_dtype='float32'."
-            )
+    @staticmethod
+    def _average(host_metrics: list[dict]) -> dict:
+        """Average a logging window like transformers does (loss, metrics; NaN = not logged that step); last value
+        for ``learning_rate`` and ``grad_norm``."""
         out = {}
         for k in host_metrics[0]:
             vals = np.array([float(m[k]) for m in host_metrics])
@@ -358,7 +447,7 @@ class BaseTrainer(abc.ABC):
         sums: dict[str, float] = {}
         for b in range(nb):
             rows = [ds[i] for i in range(b * rows_per_batch, min((b + 1) * rows_per_batch, n))]
-            out = jax.device_get(self._eval_step(self.state, self._device_batch(self._collate(rows, rows_per_batch))))
+            out = jax.device_get(self._eval_step(self.state, self._device_batch(self._make_batch(rows, rows_per_batch))))
             num += float(out["numerator"])
             den += float(out["denominator"])
             for k, v in out.items():

@@ -17,7 +17,7 @@ from trl_jax.data.tokenization import prepare_sft_dataset
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.sft import shift_labels, sft_loss
 from trl_jax.ops import fused_log_probs
-from trl_jax.trainers.base import BaseTrainer
+from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 
 
 class SFTTrainer(BaseTrainer):
@@ -30,10 +30,16 @@ class SFTTrainer(BaseTrainer):
     _tag = "sft"
     config_class = SFTConfig
 
-    def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, callbacks=None, formatting_func=None):
+    def __init__(self, model, args: SFTConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_loss_func=None, compute_metrics=None,
+                 callbacks=None, optimizers=None, optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None,
+                 peft_config=None, formatting_func=None):
+        reject_unsupported("SFTTrainer", compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
+                           optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                           preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config)
         self.formatting_func = formatting_func
-        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks)
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks,
+                         data_collator=data_collator)
 
     def _prepare_dataset(self, dataset, split):
         packing = self.args.packing if split == "train" else (

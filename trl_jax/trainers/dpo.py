@@ -1,0 +1,200 @@
+"""``DPOTrainer``: TRL's direct preference optimisation on the shared loop.
+
+Batch layout: the collator's ``[2B, L]`` (chosen rows, then rejected rows) is regrouped as ``[B, 2, L]`` so the
+leading axis is the pair axis — gradient accumulation and data-parallel sharding split pairs, never a pair. The
+loss runs one concatenated forward of ``[2b, L]``, takes per-token log-probs of the shifted completion tokens from
+the hidden states (``fused_log_probs``: no ``[2b, L, V]`` logits), the reference model's the same way (frozen
+``ref_params`` in the train state, or precomputed ``ref_*_logps`` columns), and TRL's DPO loss
+(``trl_jax.losses.dpo``) with every ``loss_type`` and option of ``DPOConfig``.
+
+The reference model is a frozen copy of the initial weights by default, or ``ref_model`` (a path / hub id, or a
+``(CausalLM, params)`` pair). ``precompute_ref_log_probs=True`` runs the reference once over the datasets before
+training and drops the reference weights. ``sync_ref_model=True`` (TR-DPO) mixes the policy into the reference
+every ``ref_model_sync_steps`` steps with weight ``ref_model_mixup_alpha``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trl_jax.configs import DPOConfig
+from trl_jax.data.collators import DataCollatorForPreference
+from trl_jax.data.tokenization import prepare_preference_dataset
+from trl_jax.losses.base import LossTerms
+from trl_jax.losses.dpo import DPOTokenInputs, dpo_loss_terms_from_token_logps
+from trl_jax.ops import fused_log_probs
+from trl_jax.parallel import batch_parallel_size
+from trl_jax.trainers.base import BaseTrainer, reject_unsupported
+
+_PAIRED = ("input_ids", "attention_mask", "completion_mask", "position_ids", "segment_ids")
+
+
+def shifted_completion(batch):
+    """``[N, L]`` ids/mask -> next-token targets and their completion mask (last column never counted)."""
+    ids, cmask = batch["input_ids"], batch["completion_mask"]
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    mask = jnp.concatenate([cmask[:, 1:], jnp.zeros_like(cmask[:, :1])], axis=1).astype(bool)
+    return targets, mask
+
+
+def sequence_token_stats(model, params, batch, chunk_size: int, *, extras: bool):
+    """Per-token log-probs (and optionally entropy, top-1 flags, log Σp², mean logits) of the completion tokens.
+
+    ``batch``: ``[N, L]`` arrays (``input_ids``, ``position_ids``, ``segment_ids``, ``completion_mask``).
+    Returns a dict of ``[N, L]`` arrays; position ``t`` scores token ``t + 1``.
+    """
+    hidden = model.hidden_states(params, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+    weight = model.lm_head_weight(params)
+    targets, mask = shifted_completion(batch)
+    if not extras:
+        return {"logps": fused_log_probs(hidden, weight, targets, chunk_size=chunk_size, mask=mask), "mask": mask}
+    logps, ent, top1, lsq = fused_log_probs(
+        hidden, weight, targets, chunk_size=chunk_size, mask=mask,
+        return_entropy=True, return_top1=True, return_log_sum_sq_probs=True,
+    )
+    mean_logits = jnp.einsum("...d,d->...", hidden.astype(jnp.float32), jnp.mean(weight.astype(jnp.float32), axis=1))
+    return {"logps": logps, "mask": mask, "entropy": ent, "top1": top1, "lsq": lsq, "mean_logits": mean_logits}
+
+
+class DPOTrainer(BaseTrainer):
+    """``DPOTrainer(model, ref_model=None, args=DPOConfig(...), train_dataset=..., eval_dataset=..., processing_class=...)``."""
+
+    _tag = "dpo"
+    config_class = DPOConfig
+
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None, optimizers=None,
+                 optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None, peft_config=None):
+        reject_unsupported("DPOTrainer", compute_metrics=compute_metrics, optimizers=optimizers,
+                           optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                           preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config)
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, ref_model=ref_model,
+                         data_collator=data_collator)
+        if self.args.precompute_ref_log_probs:
+            self._precompute_ref_log_probs()
+
+    # ------------------------------------------------------------------ reference model
+    def _resolve_ref_model(self, ref_model):
+        if ref_model is None:
+            # TRL reloads the reference from the same checkpoint: a frozen copy of the initial weights.
+            return jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, self.params)
+        if isinstance(ref_model, tuple):
+            return ref_model[1]
+        _, params, _ = self._load_model(ref_model)
+        return params
+
+    def _ref_params_for_state(self):
+        return None if self.args.precompute_ref_log_probs else self.ref_model_params
+
+    def _precompute_ref_log_probs(self):
+        """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (TRL's ``precompute_ref_log_probs``)."""
+        ref = self.ref_model_params
+        chunk = self.args.logprob_chunk_size
+
+        @jax.jit
+        def ref_sums(params, batch):
+            flat = {k: batch[k].reshape((-1,) + batch[k].shape[2:]) for k in _PAIRED}
+            stats = sequence_token_stats(self.model, params, flat, chunk, extras=False)
+            seq = jnp.sum(jnp.where(stats["mask"], stats["logps"], 0.0), axis=-1)
+            if self.args.ld_alpha is not None:
+                from trl_jax.losses.dpo import ld_dpo_logps
+
+                b = batch["input_ids"].shape[0]
+                c, r = ld_dpo_logps(stats["logps"][:b], stats["logps"][b:], stats["mask"][:b], stats["mask"][b:],
+                                    self.args.ld_alpha)
+                return c, r
+            return seq.reshape(-1, 2)[:, 0], seq.reshape(-1, 2)[:, 1]
+
+        bs = (self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size) * batch_parallel_size(self.mesh)
+        for split in ("train", "eval"):
+            ds = self.train_dataset if split == "train" else self.eval_dataset
+            if ds is None or "ref_chosen_logps" in ds.column_names:
+                continue
+            chosen, rejected = [], []
+            for start in range(0, len(ds), bs):
+                rows = [ds[i] for i in range(start, min(start + bs, len(ds)))]
+                n = len(rows)
+                batch = self._collate(rows, bs)
+                c, r = jax.device_get(ref_sums(ref, self._device_batch(batch)))
+                chosen.extend(np.asarray(c[:n]).tolist())
+                rejected.extend(np.asarray(r[:n]).tolist())
+            ds = ds.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+            if split == "train":
+                self.train_dataset = ds
+            else:
+                self.eval_dataset = ds
+        self.ref_model_params = None  # no longer needed on device
+
+    # ------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, split):
+        return prepare_preference_dataset(dataset, self.processing_class, self.args, dataset_name=split)
+
+    def _collate(self, rows, num_rows):
+        batch = DataCollatorForPreference(
+            pad_token_id=self.processing_class.pad_token_id,
+            max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode,
+            pad_to_multiple_of=self.args.pad_to_multiple_of,
+            pad_batch_to=num_rows,
+        )(rows)
+        b = num_rows
+        out = {k: np.stack([batch[k][:b], batch[k][b:]], axis=1) for k in _PAIRED}  # [B, 2, L]
+        for k in ("ref_chosen_logps", "ref_rejected_logps", "example_mask"):
+            if k in batch:
+                out[k] = batch[k]
+        return out
+
+    def _batch_stats(self, batch):
+        return {"num_tokens": float(np.sum(batch["attention_mask"]))}
+
+    # ------------------------------------------------------------------ loss
+    def _beta(self, step=None):
+        return self.args.beta
+
+    def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
+        args = self.args
+        b = batch["input_ids"].shape[0]
+        flat = {k: jnp.concatenate([batch[k][:, 0], batch[k][:, 1]], axis=0) for k in _PAIRED}  # [2b, L]
+        pol = sequence_token_stats(self.model, params, flat, args.logprob_chunk_size, extras=True)
+        ref_kw = {}
+        if "ref_chosen_logps" in batch:
+            ref_kw = dict(ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"])
+        else:
+            if ref_params is None:
+                raise ValueError("DPO needs a reference: ref_params in the train state or precomputed ref log-probs.")
+            ref = sequence_token_stats(self.model, jax.lax.stop_gradient(ref_params), flat, args.logprob_chunk_size,
+                                       extras=False)
+            ref_lp = jax.lax.stop_gradient(ref["logps"])
+            ref_kw = dict(ref_chosen_token_logps=ref_lp[:b], ref_rejected_token_logps=ref_lp[b:])
+        m = pol["mask"]
+        full = flat["completion_mask"].astype(jnp.float32)
+        tokens = DPOTokenInputs(
+            chosen_token_logps=pol["logps"][:b], rejected_token_logps=pol["logps"][b:],
+            chosen_mask=m[:b], rejected_mask=m[b:],
+            chosen_lengths=jnp.sum(full[:b], -1), rejected_lengths=jnp.sum(full[b:], -1),
+            chosen_log_sum_sq_probs=pol["lsq"][:b], rejected_log_sum_sq_probs=pol["lsq"][b:],
+            chosen_entropy=pol["entropy"][:b], rejected_entropy=pol["entropy"][b:],
+            chosen_mean_logits=pol["mean_logits"][:b], rejected_mean_logits=pol["mean_logits"][b:],
+            chosen_is_top1=pol["top1"][:b],
+            **ref_kw,
+        )
+        return dpo_loss_terms_from_token_logps(
+            tokens, ld_alpha=args.ld_alpha, use_weighting=args.use_weighting, beta=self._beta(),
+            loss_type=args.loss_type, loss_weights=args.loss_weights, label_smoothing=args.label_smoothing,
+            f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+            discopop_tau=args.discopop_tau, example_mask=batch["example_mask"],
+        )
+
+    # ------------------------------------------------------------------ TR-DPO
+    def _after_step(self, done: int) -> None:
+        args = self.args
+        if not args.sync_ref_model or self.state.ref_params is None or done % args.ref_model_sync_steps:
+            return
+        alpha = args.ref_model_mixup_alpha
+        if not hasattr(self, "_mix"):
+            self._mix = jax.jit(lambda p, r: jax.tree.map(lambda a, b: (alpha * a + (1 - alpha) * b).astype(b.dtype), p, r))
+        self.state = self.state.replace(ref_params=self._mix(self.state.params, self.state.ref_params))
