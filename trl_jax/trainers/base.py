@@ -33,6 +33,13 @@ from trl_jax.train import Checkpointer, TrainState, make_eval_step, make_train_s
 from trl_jax.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from trl_jax.trainers.logging import MetricsLogger
 
+def _nanmean(vals: np.ndarray) -> float:
+    """Mean over the entries that were logged (NaN = a metric with no example in that batch, e.g. KTO's
+    ``rewards/rejected`` on an all-desirable batch); NaN when none was."""
+    vals = vals[~np.isnan(vals)]
+    return float(vals.mean()) if vals.size else float("nan")
+
+
 def reject_unsupported(trainer: str, **kwargs) -> None:
     """TRL constructor arguments trl_jax does not implement must not be silently ignored."""
     given = sorted(k for k, v in kwargs.items() if v is not None)
@@ -424,7 +431,7 @@ class BaseTrainer(abc.ABC):
         out = {}
         for k in host_metrics[0]:
             vals = np.array([float(m[k]) for m in host_metrics])
-            out[k] = float(vals[-1]) if k in ("learning_rate", "grad_norm") else float(np.nanmean(vals))
+            out[k] = float(vals[-1]) if k in ("learning_rate", "grad_norm") else _nanmean(vals)
         return out
 
     # ------------------------------------------------------------------ eval
@@ -444,7 +451,7 @@ class BaseTrainer(abc.ABC):
                 "per_device_eval_batch_size."
             )
         num = den = 0.0
-        sums: dict[str, float] = {}
+        values: dict[str, list] = {}
         for b in range(nb):
             rows = [ds[i] for i in range(b * rows_per_batch, min((b + 1) * rows_per_batch, n))]
             out = jax.device_get(self._eval_step(self.state, self._device_batch(self._make_batch(rows, rows_per_batch))))
@@ -452,9 +459,9 @@ class BaseTrainer(abc.ABC):
             den += float(out["denominator"])
             for k, v in out.items():
                 if k not in ("loss", "numerator", "denominator"):
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    values.setdefault(k, []).append(float(v))
         res = {f"{metric_key_prefix}_loss": num / den if den else 0.0}
-        res.update({f"{metric_key_prefix}_{k}": v / nb for k, v in sums.items()})
+        res.update({f"{metric_key_prefix}_{k}": _nanmean(np.array(v)) for k, v in values.items()})
         return res
 
     # ------------------------------------------------------------------ saving

@@ -15,8 +15,6 @@ every ``ref_model_sync_steps`` steps with weight ``ref_model_mixup_alpha``.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +25,8 @@ from trl_jax.data.tokenization import prepare_preference_dataset
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.dpo import DPOTokenInputs, dpo_loss_terms_from_token_logps
 from trl_jax.ops import fused_log_probs
-from trl_jax.parallel import batch_parallel_size
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
+from trl_jax.trainers.reference import ReferenceModelMixin
 
 _PAIRED = ("input_ids", "attention_mask", "completion_mask", "position_ids", "segment_ids")
 
@@ -60,7 +58,7 @@ def sequence_token_stats(model, params, batch, chunk_size: int, *, extras: bool)
     return {"logps": logps, "mask": mask, "entropy": ent, "top1": top1, "lsq": lsq, "mean_logits": mean_logits}
 
 
-class DPOTrainer(BaseTrainer):
+class DPOTrainer(ReferenceModelMixin, BaseTrainer):
     """``DPOTrainer(model, ref_model=None, args=DPOConfig(...), train_dataset=..., eval_dataset=..., processing_class=...)``."""
 
     _tag = "dpo"
@@ -78,56 +76,25 @@ class DPOTrainer(BaseTrainer):
             self._precompute_ref_log_probs()
 
     # ------------------------------------------------------------------ reference model
-    def _resolve_ref_model(self, ref_model):
-        if ref_model is None:
-            # TRL reloads the reference from the same checkpoint: a frozen copy of the initial weights.
-            return jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, self.params)
-        if isinstance(ref_model, tuple):
-            return ref_model[1]
-        _, params, _ = self._load_model(ref_model)
-        return params
-
-    def _ref_params_for_state(self):
-        return None if self.args.precompute_ref_log_probs else self.ref_model_params
-
     def _precompute_ref_log_probs(self):
         """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (TRL's ``precompute_ref_log_probs``)."""
-        ref = self.ref_model_params
         chunk = self.args.logprob_chunk_size
+        ld_alpha = self.args.ld_alpha
 
-        @jax.jit
         def ref_sums(params, batch):
-            flat = {k: batch[k].reshape((-1,) + batch[k].shape[2:]) for k in _PAIRED}
+            b = batch["input_ids"].shape[0]
+            flat = {k: jnp.concatenate([batch[k][:, 0], batch[k][:, 1]], axis=0) for k in _PAIRED}
             stats = sequence_token_stats(self.model, params, flat, chunk, extras=False)
-            seq = jnp.sum(jnp.where(stats["mask"], stats["logps"], 0.0), axis=-1)
-            if self.args.ld_alpha is not None:
+            lp, m = stats["logps"], stats["mask"]
+            if ld_alpha is not None:
                 from trl_jax.losses.dpo import ld_dpo_logps
 
-                b = batch["input_ids"].shape[0]
-                c, r = ld_dpo_logps(stats["logps"][:b], stats["logps"][b:], stats["mask"][:b], stats["mask"][b:],
-                                    self.args.ld_alpha)
-                return c, r
-            return seq.reshape(-1, 2)[:, 0], seq.reshape(-1, 2)[:, 1]
+                c, r = ld_dpo_logps(lp[:b], lp[b:], m[:b], m[b:], ld_alpha)
+                return {"ref_chosen_logps": c, "ref_rejected_logps": r}
+            seq = jnp.sum(jnp.where(m, lp, 0.0), axis=-1)
+            return {"ref_chosen_logps": seq[:b], "ref_rejected_logps": seq[b:]}
 
-        bs = (self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size) * batch_parallel_size(self.mesh)
-        for split in ("train", "eval"):
-            ds = self.train_dataset if split == "train" else self.eval_dataset
-            if ds is None or "ref_chosen_logps" in ds.column_names:
-                continue
-            chosen, rejected = [], []
-            for start in range(0, len(ds), bs):
-                rows = [ds[i] for i in range(start, min(start + bs, len(ds)))]
-                n = len(rows)
-                batch = self._collate(rows, bs)
-                c, r = jax.device_get(ref_sums(ref, self._device_batch(batch)))
-                chosen.extend(np.asarray(c[:n]).tolist())
-                rejected.extend(np.asarray(r[:n]).tolist())
-            ds = ds.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
-            if split == "train":
-                self.train_dataset = ds
-            else:
-                self.eval_dataset = ds
-        self.ref_model_params = None  # no longer needed on device
+        self._precompute_columns(ref_sums)
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, split):
@@ -188,13 +155,3 @@ class DPOTrainer(BaseTrainer):
             f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
             discopop_tau=args.discopop_tau, example_mask=batch["example_mask"],
         )
-
-    # ------------------------------------------------------------------ TR-DPO
-    def _after_step(self, done: int) -> None:
-        args = self.args
-        if not args.sync_ref_model or self.state.ref_params is None or done % args.ref_model_sync_steps:
-            return
-        alpha = args.ref_model_mixup_alpha
-        if not hasattr(self, "_mix"):
-            self._mix = jax.jit(lambda p, r: jax.tree.map(lambda a, b: (alpha * a + (1 - alpha) * b).astype(b.dtype), p, r))
-        self.state = self.state.replace(ref_params=self._mix(self.state.params, self.state.ref_params))

@@ -1,0 +1,64 @@
+"""The reference model shared by DPO and KTO: a frozen copy, a separate checkpoint, precomputed log-probs, or
+TR-DPO-style syncing (``sync_ref_model``)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from trl_jax.parallel import batch_parallel_size
+
+
+class ReferenceModelMixin:
+    """Mixed into a ``BaseTrainer`` subclass whose config has ``precompute_ref_log_probs``,
+    ``precompute_ref_batch_size``, ``sync_ref_model``, ``ref_model_mixup_alpha`` and ``ref_model_sync_steps``."""
+
+    def _resolve_ref_model(self, ref_model):
+        """Reference params: a frozen copy of the initial weights (TRL reloads the same checkpoint), or
+        ``ref_model`` given as a path / hub id or a ``(CausalLM, params)`` pair (same architecture)."""
+        if ref_model is None:
+            return jax.tree.map(lambda x: x.copy(), self.params)
+        if isinstance(ref_model, tuple):
+            return ref_model[1]
+        _, params, _ = self._load_model(ref_model)
+        return params
+
+    def _ref_params_for_state(self):
+        return None if self.args.precompute_ref_log_probs else self.ref_model_params
+
+    def _precompute_columns(self, fn) -> None:
+        """Run ``fn(ref_params, batch) -> {column: [B] array}`` once over the train and eval sets (jitted, padded
+        fixed-shape batches) and add the columns; then the reference weights are released."""
+        jitted = jax.jit(fn)
+        rows_per_batch = (self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size) * \
+            batch_parallel_size(self.mesh)
+        for split in ("train", "eval"):
+            ds = self.train_dataset if split == "train" else self.eval_dataset
+            if ds is None:
+                continue
+            columns: dict[str, list] = {}
+            for start in range(0, len(ds), rows_per_batch):
+                rows = [ds[i] for i in range(start, min(start + rows_per_batch, len(ds)))]
+                out = jax.device_get(jitted(self.ref_model_params, self._device_batch(self._collate(rows, rows_per_batch))))
+                for k, v in out.items():
+                    if k in ds.column_names:
+                        continue
+                    columns.setdefault(k, []).extend(np.asarray(v[:len(rows)], np.float32).tolist())
+            for k, v in columns.items():
+                ds = ds.add_column(k, v)
+            if split == "train":
+                self.train_dataset = ds
+            else:
+                self.eval_dataset = ds
+        self.ref_model_params = None
+
+    def _after_step(self, done: int) -> None:
+        """TR-DPO: every ``ref_model_sync_steps`` steps, ``ref = alpha * policy + (1 - alpha) * ref``."""
+        args = self.args
+        if not args.sync_ref_model or self.state.ref_params is None or done % args.ref_model_sync_steps:
+            return
+        if not hasattr(self, "_mix_ref"):
+            alpha = args.ref_model_mixup_alpha
+            self._mix_ref = jax.jit(
+                lambda p, r: jax.tree.map(lambda a, b: (alpha * a + (1 - alpha) * b).astype(b.dtype), p, r))
+        self.state = self.state.replace(ref_params=self._mix_ref(self.state.params, self.state.ref_params))
