@@ -1,0 +1,36 @@
+"""Jitted KV-cache sampling: prefill + ``lax.while_loop`` decode with transformers' sampling semantics.
+
+Public API::
+
+    out = generate(model, params, prompt_ids, prompt_mask, jax.random.key(0), max_new_tokens=256,
+                   temperature=0.9, top_p=0.95, eos_token_id=[eos_id], pad_token_id=pad_id)
+    out.completion_ids, out.completion_mask, out.logprobs, out.is_truncated
+    batch = repeat_for_generations({"prompt_ids": ids, "prompt_mask": mask}, num_generations=8)
+"""
+
+from trl_jax.generation.processors import (
+    min_p,
+    process_logits,
+    repetition_penalty,
+    seen_tokens,
+    temperature,
+    top_k,
+    top_p,
+)
+from trl_jax.generation.repeat import repeat_for_generations
+from trl_jax.generation.sampler import GenerationOutput, SamplingConfig, completion_mask_from_ids, generate
+
+__all__ = [
+    "GenerationOutput",
+    "SamplingConfig",
+    "completion_mask_from_ids",
+    "generate",
+    "min_p",
+    "process_logits",
+    "repeat_for_generations",
+    "repetition_penalty",
+    "seen_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+]
