@@ -1,0 +1,188 @@
+"""Model configuration: an HF ``config.json`` (via ``transformers.AutoConfig``) -> :class:`ModelConfig`.
+
+One decoder covers the Llama family. ``ModelConfig`` holds the architecture (read from the HF config) and the JAX
+knobs (compute ``dtype``, ``param_dtype``, ``scan_layers``, ``remat_policy``, ``attention_impl``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+# model_type -> (causal-LM class name, sequence-classification class name)
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+NO_WINDOW = 2**30  # a sliding window this wide is no window
+
+
+def _dtype(x):
+    return jnp.dtype(x) if x is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture + runtime options of the decoder. Build with :func:`config_from_hf`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2: True; Llama/Qwen3: attention_bias)
+    o_bias: bool = False  # bias on o_proj (Llama/Qwen3 attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    max_position_embeddings: int = 2048
+    rope_type: str = "default"
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    partial_rotary_factor: float = 1.0
+    sliding_windows: tuple[int | None, ...] | None = None  # per layer; None = full attention everywhere
+    pad_token_id: int | None = None
+    num_labels: int | None = None  # set for *ForSequenceClassification heads
+    has_lm_head: bool = True  # False for *ForSequenceClassification checkpoints (untied: no lm_head.weight)
+    # runtime (JAX) options
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})."
+            )
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}.")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} is unknown; choose one of {REMAT_POLICIES}.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} is unknown; choose one of {ATTENTION_IMPLS}.")
+        if self.sliding_windows is not None and len(self.sliding_windows) != self.num_hidden_layers:
+            raise ValueError("sliding_windows must give one entry (int or None) per layer.")
+
+    @property
+    def has_sliding_window(self) -> bool:
+        return self.sliding_windows is not None and any(w is not None for w in self.sliding_windows)
+
+    def window_array(self) -> tuple[int, ...]:
+        """Per-layer window widths, ``NO_WINDOW`` where a layer attends to everything."""
+        ws = self.sliding_windows or (None,) * self.num_hidden_layers
+        return tuple(NO_WINDOW if w is None else int(w) for w in ws)
+
+    def replace(self, **kw) -> "ModelConfig":
+        if "dtype" in kw:
+            kw["dtype"] = _dtype(kw["dtype"])
+        if "param_dtype" in kw:
+            kw["param_dtype"] = _dtype(kw["param_dtype"])
+        return dataclasses.replace(self, **kw)
+
+
+def _unsupported(model_type) -> ValueError:
+    supported = ", ".join(f"{k} ({v[0]}, {v[1]})" for k, v in SUPPORTED_ARCHITECTURES.items())
+    return ValueError(
+        f"Unsupported architecture: model_type={model_type!r}. trl_jax.models supports: {supported}. "
+        "Use one of these checkpoints, or wrap your own Flax model with trl_jax.models.FlaxModelAdapter."
+    )
+
+
+def config_from_hf(hf_config, **runtime) -> ModelConfig:
+    """Build a :class:`ModelConfig` from a ``transformers.PretrainedConfig`` (no torch needed).
+
+    ``runtime`` sets the JAX options: ``dtype``, ``param_dtype``, ``scan_layers``, ``remat_policy``,
+    ``attention_impl``. Raises ``ValueError`` naming the supported architectures for anything else.
+    """
+    mt = getattr(hf_config, "model_type", None)
+    if mt not in SUPPORTED_ARCHITECTURES:
+        raise _unsupported(mt)
+    c = hf_config
+    n_heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+    # rope: transformers >=5 keeps everything in `rope_parameters` (standardized from legacy `rope_scaling`)
+    rp = dict(getattr(c, "rope_parameters", None) or {})
+    legacy = getattr(c, "rope_scaling", None)
+    if not rp and isinstance(legacy, dict):
+        rp = dict(legacy)
+    rope_type = rp.get("rope_type", rp.get("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope_type {rope_type!r} (from the checkpoint's rope_parameters) is not supported by trl_jax.models; "
+            f"supported: {SUPPORTED_ROPE_TYPES}."
+        )
+    rope_theta = rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    attention_bias = bool(getattr(c, "attention_bias", False))
+    qkv_bias = True if mt == "qwen2" else attention_bias
+    o_bias = False if mt == "qwen2" else attention_bias
+    # sliding windows: Mistral on every layer when set; Qwen2/3 per `layer_types`
+    windows = None
+    sw = getattr(c, "sliding_window", None)
+    if mt == "mistral" and sw is not None:
+        windows = (int(sw),) * c.num_hidden_layers
+    elif mt in ("qwen2", "qwen3") and sw is not None:
+        lt = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+        windows = tuple(int(sw) if t == "sliding_attention" else None for t in lt)
+        if all(w is None for w in windows):
+            windows = None
+    num_labels = None
+    archs = getattr(c, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        num_labels = c.num_labels
+    cfg = ModelConfig(
+        model_type=mt,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=getattr(c, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        rms_norm_eps=c.rms_norm_eps,
+        hidden_act=getattr(c, "hidden_act", "silu"),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(getattr(c, "mlp_bias", False)),
+        qk_norm=(mt == "qwen3"),
+        max_position_embeddings=c.max_position_embeddings,
+        rope_type=rope_type,
+        rope_theta=float(rope_theta),
+        rope_factor=float(rp.get("factor", 1.0) or 1.0),
+        rope_low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
+        rope_original_max_position_embeddings=int(
+            rp.get("original_max_position_embeddings", c.max_position_embeddings)
+        ),
+        partial_rotary_factor=float(rp.get("partial_rotary_factor", 1.0)),
+        sliding_windows=windows,
+        pad_token_id=getattr(c, "pad_token_id", None),
+        num_labels=num_labels,
+        has_lm_head=num_labels is None,
+    )
+    return cfg.replace(**runtime) if runtime else cfg
+
+
+def load_hf_config(path_or_id: str, **kw):
+    """``transformers.AutoConfig.from_pretrained`` (reads config.json; no torch)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path_or_id, **kw)

@@ -1,0 +1,240 @@
+"""The Flax (linen) decoder of the Llama family: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3.
+
+Parameter tree (HF names, linen leaves; logical axis names in brackets; ``layers`` leading axis when scanned)::
+
+    embed_tokens/embedding            [V, D]            (vocab, embed)
+    layers/                           scanned: every leaf gets a leading [L] (layers) axis
+                                      unrolled: layers_0/, layers_1/, ... instead
+      input_layernorm/scale           [D]               (embed,)
+      self_attn/q_proj/kernel         [D, N, Hd]        (embed, heads, head_dim)      bias [N, Hd]
+      self_attn/k_proj/kernel         [D, K, Hd]        (embed, kv_heads, head_dim)   bias [K, Hd]
+      self_attn/v_proj/kernel         [D, K, Hd]        (embed, kv_heads, head_dim)   bias [K, Hd]
+      self_attn/o_proj/kernel         [N, Hd, D]        (heads, head_dim, embed)      bias [D]
+      self_attn/q_norm/scale          [Hd]              (head_dim,)   Qwen3 only
+      self_attn/k_norm/scale          [Hd]              (head_dim,)   Qwen3 only
+      post_attention_layernorm/scale  [D]               (embed,)
+      mlp/gate_proj/kernel            [D, F]            (embed, mlp)
+      mlp/up_proj/kernel              [D, F]            (embed, mlp)
+      mlp/down_proj/kernel            [F, D]            (mlp, embed)
+    norm/scale                        [D]               (embed,)
+    lm_head/kernel                    [D, V]            (embed, vocab)   untied causal LMs only
+    score/kernel                      [D, num_labels]   (embed, labels)  sequence classification only
+    v_head/summary/kernel, bias       [D, 1], [1]       (embed, value), (value,)   value head only
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from trl_jax.models.attention import attend, build_mask, window_mask
+from trl_jax.models.config import ModelConfig
+from trl_jax.models.rope import apply_rope, rope_cos_sin
+
+LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "labels", "value")
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _p(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+def _act(name: str):
+    acts = {
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "relu": jax.nn.relu,
+    }
+    if name not in acts:
+        raise ValueError(f"hidden_act {name!r} is not supported; supported: {sorted(acts)}.")
+    return acts[name]
+
+
+class RMSNorm(nn.Module):
+    """HF RMSNorm: normalize in fp32, cast back to the input dtype, multiply by the weight."""
+
+    eps: float
+    param_dtype: jnp.dtype
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", _p(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None):
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=_p(_init, axes),
+        bias_init=_p(nn.initializers.zeros, bias_axes or axes[-(len(features) if isinstance(features, tuple) else 1):]),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv, cache_index):
+        c = self.cfg
+        N, K, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+        q = _dense((N, Hd), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="q_proj")(x)
+        k = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="k_proj")(x)
+        v = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="v_proj")(x)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim", name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim", name="k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = None
+        if kv is not None:  # write this call's keys/values into the preallocated cache at cache_index
+            ck, cv = kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_kv = (ck, cv)
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        out = attend(q, k, v, mask, scale=Hd**-0.5, impl=c.attention_impl)
+        out = _dense(D, ("heads", "head_dim", "embed"), use_bias=c.o_bias, cfg=c, name="o_proj", axis=(-2, -1),
+                     bias_axes=("embed",))(out)
+        return out, new_kv
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        g = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="gate_proj")(x)
+        u = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="up_proj")(x)
+        return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj")(
+            _act(c.hidden_act)(g) * u
+        )
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. ``x [B, T, D]``; ``window`` None or a scalar; ``kv`` None or ``(k, v) [B, S, K, Hd]``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, base_mask, q_slots, kv_slots, cache_index, window, kv):
+        c = self.cfg
+        mask = base_mask if window is None else base_mask & window_mask(q_slots, kv_slots, window)
+        h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_layernorm")(x)
+        a, new_kv = Attention(c, name="self_attn")(h, cos, sin, mask, kv, cache_index)
+        x = x + a
+        h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attention_layernorm")(x)
+        x = x + MLP(c, name="mlp")(h)
+        return x, new_kv
+
+
+def _remat(cls, cfg: ModelConfig):
+    if cfg.remat_policy == "none":
+        return cls
+    policy = {
+        "full": None,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[cfg.remat_policy]
+    return nn.remat(cls, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Decoder(nn.Module):
+    """Embedding -> layers -> final norm. Heads (lm_head / score / v_head) are created at init, applied outside."""
+
+    cfg: ModelConfig
+    value_head: bool = False
+
+    def setup(self):
+        c = self.cfg
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+            embedding_init=_p(_init, ("vocab", "embed")),
+        )
+        layer_cls = _remat(DecoderLayer, c)
+        if c.scan_layers:
+            self.layers = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 6 + (0, 0),
+                length=c.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c)
+        else:
+            self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, c.param_dtype)
+        if c.has_lm_head and not c.tie_word_embeddings:
+            self.lm_head = nn.DenseGeneral(
+                c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+                kernel_init=_p(_init, ("embed", "vocab")),
+            )
+        if c.num_labels:
+            self.score = nn.DenseGeneral(
+                c.num_labels, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+                kernel_init=_p(_init, ("embed", "labels")),
+            )
+        if self.value_head:
+            self.v_head = ValueHead(c.param_dtype)
+
+    def __call__(self, input_ids, positions, q_segment_ids, kv_segment_ids, q_slots, kv_slots,
+                 cache=None, cache_index=None):
+        """Final-norm hidden states ``[B, T, D]`` and the updated ``(k, v)`` cache (``None`` without a cache)."""
+        c = self.cfg
+        x = self.embed_tokens(input_ids).astype(c.dtype)
+        cos, sin = rope_cos_sin(c, positions, c.dtype)
+        base_mask = build_mask(q_slots, kv_slots, q_segment_ids, kv_segment_ids)
+        windows = jnp.asarray(c.window_array(), jnp.int32) if c.has_sliding_window else None
+        if c.scan_layers:
+            x, new_cache = self.layers(x, cos, sin, base_mask, q_slots, kv_slots, cache_index, windows, cache)
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                w = None if windows is None else windows[i]
+                kv = None if cache is None else (cache[0][i], cache[1][i])
+                x, nkv = layer(x, cos, sin, base_mask, q_slots, kv_slots, cache_index, w, kv)
+                if nkv is not None:
+                    ks.append(nkv[0])
+                    vs.append(nkv[1])
+            new_cache = (jnp.stack(ks), jnp.stack(vs)) if cache is not None else None
+        return self.norm(x), new_cache
+
+    def init_all(self, input_ids, positions, seg, slots):
+        """Touch every parameter (used by ``init``)."""
+        h, _ = self(input_ids, positions, seg, seg, slots, slots)
+        out = [h]
+        if self.cfg.has_lm_head and not self.cfg.tie_word_embeddings:
+            out.append(self.lm_head(h))
+        if self.cfg.num_labels:
+            out.append(self.score(h))
+        if self.value_head:
+            out.append(self.v_head(h))
+        return out
+
+
+class ValueHead(nn.Module):
+    """TRL's ``v_head``: ``summary`` Linear D -> 1 with bias, applied in fp32 to the last hidden state."""
+
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, h):
+        return nn.DenseGeneral(
+            1, use_bias=True, dtype=jnp.float32, param_dtype=self.param_dtype,
+            kernel_init=_p(_init, ("embed", "value")), bias_init=_p(nn.initializers.zeros, ("value",)),
+            name="summary",
+        )(h.astype(jnp.float32))[..., 0]
