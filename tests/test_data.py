@@ -450,14 +450,25 @@ def test_builtin_datasets(tok):
     from trl_jax.data.builtin import BUILTIN_DATASETS
 
     sft = D.load_dataset_any("builtin:arithmetic_sft")
-    assert len(sft) == 400 and D.validate_dataset_format(sft, "sft").startswith("language_modeling")
-    q, a = sft[0]["messages"][0]["content"], sft[0]["answer"]
-    assert str(eval(q[len("What is "):-1])) == a == sft[0]["messages"][1]["content"]
+    assert len(sft) == 2000 and D.validate_dataset_format(sft, "sft").startswith("language_modeling")
+
+    def solve(q):
+        if q.startswith("What is "):
+            a, b = q[len("What is "):-1].split("+")
+            return str(int(a) + int(b))
+        if q.startswith("What comes after "):
+            return str(int(q[len("What comes after "):-1]) + 1)
+        kind, digits = q.split(" ")
+        return digits if kind == "Repeat" else digits[::-1]
+
+    for row in sft:
+        q, a = row["messages"][0]["content"], row["answer"]
+        assert solve(q) == a == row["messages"][1]["content"], q
     pref = D.load_dataset_any("builtin:arithmetic_preference")
     assert D.validate_dataset_format(pref, "dpo") == "preference"
     assert all(r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in pref)
     prompts = D.load_dataset_any("builtin:arithmetic_prompts", split="test")
-    assert len(prompts) == 100 and D.validate_dataset_format(prompts, "grpo") == "prompt_only"
+    assert len(prompts) == 200 and D.validate_dataset_format(prompts, "grpo") == "prompt_only"
     assert set(BUILTIN_DATASETS) == {"arithmetic_sft", "arithmetic_preference", "arithmetic_prompts"}
     # the tokenized pipeline runs on them
     out = D.prepare_sft_dataset(sft.select(range(8)), tok, SFTConfig(bf16=False, assistant_only_loss=True,

@@ -2,9 +2,9 @@
 
 `load_builtin_dataset(name, split="train")` or `load_dataset_any("builtin:NAME")`:
 
-* `arithmetic_sft`: conversational `messages` + `answer` (400 train / 100 test).
-* `arithmetic_preference`: conversational `prompt` / `chosen` / `rejected` (400 train).
-* `arithmetic_prompts`: conversational `prompt` + exact-match `answer` for GRPO (400 train / 100 test).
+* `arithmetic_sft`: conversational `messages` + `answer` (2000 train / 200 test).
+* `arithmetic_preference`: conversational `prompt` / `chosen` / `rejected` (2000 train).
+* `arithmetic_prompts`: conversational `prompt` + exact-match `answer` for GRPO (2000 train / 200 test).
 """
 
 from __future__ import annotations

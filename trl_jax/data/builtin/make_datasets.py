@@ -1,7 +1,9 @@
 """Deterministic generator of the tiny builtin datasets (run: `python -m trl_jax.data.builtin.make_datasets`).
 
-* `arithmetic_sft.jsonl`: `messages` (user asks "What is a+b?" / "a-b" / "a*b", assistant answers the number),
-  plus an exact `answer` column. Train/test splits: `arithmetic_sft.jsonl` / `arithmetic_sft_test.jsonl`.
+* `arithmetic_sft.jsonl`: `messages` (user asks a small digit task: "What is a+b?" with single digits, "Repeat
+  4821", "Reverse 4821" or "What comes after 37?"; the assistant answers), plus an exact `answer` column. The
+  tasks are chosen so that a tiny model trained from scratch on a CPU in a minute or two generalises to the
+  held-out split (copying and reversing through attention, increments through digit rules). Train/test splits: `arithmetic_sft.jsonl` / `arithmetic_sft_test.jsonl`.
 * `arithmetic_preference.jsonl`: `prompt` / `chosen` / `rejected` (conversational); chosen is the right answer,
   rejected an off-by-a-few wrong one.
 * `arithmetic_prompts.jsonl`: `prompt` (conversational) and `answer` (exact-match string) for GRPO.
@@ -18,18 +20,23 @@ OPS = ("+", "-", "*")
 
 
 def _problem(rng: random.Random) -> tuple[str, str]:
-    op = rng.choice(OPS)
-    if op == "*":
-        a, b = rng.randint(0, 12), rng.randint(0, 12)
-    else:
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        if op == "-" and b > a:
-            a, b = b, a
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return f"What is {a}{op}{b}?", str(value)
+    kind = rng.choice(("add", "repeat", "reverse", "next"))
+    if kind == "add":
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return f"What is {a}+{b}?", str(a + b)
+    if kind == "next":
+        a = rng.randint(0, 98)
+        return f"What comes after {a}?", str(a + 1)
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
+    if kind == "repeat":
+        return f"Repeat {digits}", digits
+    return f"Reverse {digits}", digits[::-1]
 
 
 def _wrong(rng: random.Random, answer: str) -> str:
+    if len(answer) >= 3 and rng.random() < 0.5:  # a digit string: swap two positions or change one digit
+        i = rng.randrange(len(answer))
+        return answer[:i] + str((int(answer[i]) + rng.randint(1, 9)) % 10) + answer[i + 1:]
     delta = rng.choice([-3, -2, -1, 1, 2, 3, 10])
     return str(max(int(answer) + delta, 0) if int(answer) + delta != int(answer) else int(answer) + 1)
 
@@ -40,7 +47,7 @@ def _write(name: str, rows: list[dict]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def make_all(n_train: int = 400, n_test: int = 100, seed: int = 1234) -> None:
+def make_all(n_train: int = 2000, n_test: int = 200, seed: int = 1234) -> None:
     rng = random.Random(seed)
     seen: set[str] = set()
     problems = []
