@@ -205,7 +205,12 @@ class BaseTrainer(abc.ABC):
         return max(int(math.ceil(self.args.num_train_epochs * self.steps_per_epoch())), 1)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Row order of an epoch: ``train_sampling_strategy="sequential"`` keeps the dataset order (TRL's KTO
+        default; also what makes runs comparable row for row with TRL), otherwise a permutation seeded by
+        ``(data_seed or seed, epoch)``."""
         n = len(self.train_dataset)
+        if getattr(self.args, "train_sampling_strategy", "random") == "sequential":
+            return np.arange(n)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return np.random.default_rng([seed, epoch]).permutation(n)
 

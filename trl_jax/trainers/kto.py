@@ -88,11 +88,6 @@ class KTOTrainer(ReferenceModelMixin, BaseTrainer):
         self._precompute_columns(ref_sums)
 
     # ------------------------------------------------------------------ data
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self.args.train_sampling_strategy == "sequential":
-            return np.arange(len(self.train_dataset))
-        return super()._epoch_order(epoch)
-
     def _prepare_dataset(self, dataset, split):
         return prepare_unpaired_preference_dataset(dataset, self.processing_class, self.args, dataset_name=split)
 

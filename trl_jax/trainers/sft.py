@@ -76,3 +76,37 @@ class SFTTrainer(BaseTrainer):
             chunk_size=self.args.logprob_chunk_size, return_entropy=True, return_top1=True, mask=loss_mask,
         )
         return sft_loss(logps, loss_mask, loss_type=self.args.loss_type, per_token_entropy=entropy, is_top1=top1)
+
+    def completion_exact_match(self, dataset=None) -> float:
+        """Fraction of rows whose every trained token (completion or assistant turn, with its EOS) is the model's
+        argmax given the true prefix — i.e. greedy decoding would reproduce the whole answer exactly.
+
+        Computed teacher-forced in one forward per batch (no generation loop). Uses the eval set by default.
+        """
+        import jax
+        import jax.numpy as jnp
+
+        ds = self._checked(dataset, "eval") if dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("completion_exact_match() needs a dataset (or an eval_dataset).")
+        params = self.trained_params if self.state is None else self.state.params
+
+        if not hasattr(self, "_exact_match_fn"):
+            def fn(p, batch):
+                model = self.model
+                hidden = model.hidden_states(p, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+                targets, mask = shift_labels(batch["labels"])
+                _, top1 = fused_log_probs(hidden, model.lm_head_weight(p), targets,
+                                          chunk_size=self.args.logprob_chunk_size, return_top1=True, mask=mask)
+                return jnp.all(top1 | ~mask, axis=-1) & jnp.any(mask, axis=-1)
+
+            self._exact_match_fn = jax.jit(fn)
+        from trl_jax.parallel import batch_parallel_size
+
+        rows_per_batch = self.args.per_device_eval_batch_size * batch_parallel_size(self.mesh)
+        hits = 0
+        for start in range(0, len(ds), rows_per_batch):
+            rows = [ds[i] for i in range(start, min(start + rows_per_batch, len(ds)))]
+            ok = jax.device_get(self._exact_match_fn(params, self._device_batch(self._collate(rows, rows_per_batch))))
+            hits += int(np.sum(ok[:len(rows)]))
+        return hits / len(ds)
