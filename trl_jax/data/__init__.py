@@ -27,6 +27,7 @@ from .formats import (
     unpair_preference_dataset,
     validate_dataset_format,
 )
+from .decode import decode_and_strip_padding, strip_reasoning
 from .loading import load_dataset_any, load_dataset_mixture
 from .packing import (
     PACKING_STRATEGIES,
