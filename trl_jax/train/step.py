@@ -115,7 +115,9 @@ class _Core:
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
         (num, den, g), metrics = jax.lax.scan(body, init, (self.split(batch), jnp.arange(self.k)))
-        return num, den, g, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        # nan-mean: a metric a micro-batch could not measure (e.g. KTO's rewards/rejected without undesirable
+        # rows) is NaN there, and TRL averages only the values it logged.
+        return num, den, g, jax.tree.map(lambda m: jnp.nanmean(m, axis=0), metrics)
 
     def apply(self, state: TrainState, new_rng, num, den, g_sum, metrics):
         grads = jax.tree.map(lambda g: g / _safe(den), g_sum)
@@ -126,6 +128,12 @@ class _Core:
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient never reaches the weights: the update is skipped (params and optimizer
+        # state kept), the step counter still advances and the NaN/Inf is reported in the metrics, so the caller
+        # can stop with the last good state intact.
+        finite = jnp.isfinite(num) & jnp.isfinite(grad_norm)
+        params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state.params)
+        opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state, state.opt_state)
         out = {"loss": num / _safe(den), "grad_norm": grad_norm}
         if self.lr_fn is not None:
             out["learning_rate"] = jnp.asarray(self.lr_fn(state.step), jnp.float32)
