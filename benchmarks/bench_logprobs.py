@@ -27,7 +27,7 @@ import numpy as np
 from trl_jax.ops import fused_log_probs, selective_log_softmax
 
 PRESETS = {
-    "cpu": dict(batch=4, seq=256, vocab=32768, hidden=256, chunk=256),
+    "cpu": dict(batch=4, seq=256, vocab=32768, hidden=256, chunk=128),
     "h200": dict(batch=8, seq=1024, vocab=151936, hidden=1024, chunk=1024),
 }
 

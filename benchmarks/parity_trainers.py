@@ -1,0 +1,340 @@
+"""Loss-curve parity of trl_jax's SFT / DPO / KTO trainers with TRL's PyTorch trainers.
+
+One tiny PyTorch ``Qwen3ForCausalLM`` (random init, fixed seed, fp32, no dropout) is saved with ``save_pretrained``
+next to trl_jax's character tokenizer. TRL's trainer (torch, CPU) and trl_jax's trainer (JAX, one-device mesh) both
+load that directory and train on the same rows in the same order (``train_sampling_strategy="sequential"``; TRL's
+``Trainer._get_train_sampler`` returns a ``SequentialSampler`` for it and ``KTOTrainer`` always does) with the same
+hyperparameters. The per-step ``log_history`` entries (``logging_steps=1``) are compared key by key.
+
+Mesh: trl_jax runs on a ``(1, 1, 1)`` mesh (the first device) so that ``per_device_train_batch_size`` is the global
+batch, as in TRL's single CPU process. The ``*-dp`` cases instead run trl_jax on its default mesh over all devices
+(8 simulated CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` is set unless ``XLA_FLAGS`` is
+already set) with ``per_device_train_batch_size = TRL's batch / 8``: the same global batch, sharded.
+
+Usage::
+
+    python benchmarks/parity_trainers.py                 # every case, 20 steps, prints a table
+    python benchmarks/parity_trainers.py --cases sft-adamw dpo-sgd --steps 5
+    python benchmarks/parity_trainers.py --markdown out.md
+
+Importable: :func:`make_model_dir`, :func:`make_dataset`, :func:`run_trl`, :func:`run_jax`, :func:`compare`,
+:func:`run_case`, ``CASES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import numpy as np
+
+# Keys that are bookkeeping, not training numbers (never compared, but reported when only one side has them).
+BOOKKEEPING = {"epoch", "step", "train_tokens_per_second"}
+# Keys logged only at the end of TRL's run / trl_jax's run (summary rows), excluded from the per-step comparison.
+SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss",
+                "global_step"}
+
+
+# ---------------------------------------------------------------------------------------------------- assets
+def make_model_dir(path: str, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
+                   initializer_range: float = 0.1, tie_word_embeddings: bool = False) -> str:
+    """Save a random fp32 ``Qwen3ForCausalLM`` (``hidden_size``, ``num_layers``) and trl_jax's char tokenizer."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from trl_jax.assets import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    heads = max(hidden_size // 8, 2)
+    cfg = Qwen3Config(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+        head_dim=8, max_position_embeddings=256, initializer_range=initializer_range,
+        tie_word_embeddings=tie_word_embeddings, attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_dataset(kind: str, n: int, seed: int = 0):
+    """``n`` rows of arithmetic of varied length: ``sft`` prompt/completion, ``dpo`` prompt/chosen/rejected,
+    ``kto`` prompt/completion/label (labels alternate, so every batch of 2+ holds both kinds)."""
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        a, b = int(rng.integers(0, 10 ** int(rng.integers(1, 4)))), int(rng.integers(0, 100))
+        prompt, good = f"{a}+{b}=", str(a + b)
+        bad = str(a + b + int(rng.integers(1, 50)))
+        if kind == "sft":
+            rows.append({"prompt": prompt, "completion": good})
+        elif kind == "dpo":
+            rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+        elif kind == "kto":
+            label = bool(i % 2 == 0)
+            rows.append({"prompt": prompt, "completion": good if label else bad, "label": label})
+        else:
+            raise ValueError(f"kind must be sft, dpo or kto, got {kind!r}")
+    return Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One parity run: trainer ``kind`` + hyperparameters shared by both sides (``extra``: trainer-specific)."""
+
+    name: str
+    kind: str
+    optim: str = "adamw_torch"
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "constant"
+    warmup_steps: float = 0
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    max_length: int = 32
+    extra: dict = field(default_factory=dict)
+
+
+CASES = {c.name: c for c in [
+    Case("sft-adamw", "sft", warmup_steps=3, lr_scheduler_type="linear"),
+    Case("sft-sgd", "sft", optim="sgd", learning_rate=0.5),
+    Case("sft-adamw-ga2", "sft", gradient_accumulation_steps=2, per_device_train_batch_size=2, weight_decay=0.01),
+    Case("dpo-adamw", "dpo", extra={"beta": 0.1}),
+    Case("dpo-sgd", "dpo", optim="sgd", learning_rate=0.5, extra={"beta": 0.1}),
+    Case("dpo-adamw-ga2", "dpo", gradient_accumulation_steps=2, per_device_train_batch_size=2,
+         lr_scheduler_type="linear", warmup_steps=2, extra={"beta": 0.1}),
+    Case("kto-adamw", "kto", extra={"beta": 0.1}),
+    Case("kto-sgd", "kto", optim="sgd", learning_rate=0.5, extra={"beta": 0.1}),
+    # trl_jax on the default mesh over every device (data parallel), per-device batch = 8 / device count.
+    Case("sft-adamw-dp", "sft", per_device_train_batch_size=8),
+    Case("dpo-adamw-dp", "dpo", per_device_train_batch_size=8, extra={"beta": 0.1}),
+    Case("kto-adamw-ga2", "kto", gradient_accumulation_steps=2, per_device_train_batch_size=2,
+         extra={"beta": 0.1, "desirable_weight": 1.2}),
+]}
+
+
+def _args_kwargs(case: Case, steps: int, output_dir: str) -> dict:
+    kw = dict(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=case.per_device_train_batch_size,
+        gradient_accumulation_steps=case.gradient_accumulation_steps, learning_rate=case.learning_rate,
+        lr_scheduler_type=case.lr_scheduler_type, warmup_steps=case.warmup_steps, optim=case.optim,
+        max_grad_norm=case.max_grad_norm, weight_decay=case.weight_decay, logging_steps=1, save_strategy="no",
+        report_to="none", bf16=False, fp16=False, seed=0, train_sampling_strategy="sequential",
+        gradient_checkpointing=False, max_length=case.max_length, disable_tqdm=True,
+    )
+    kw.update(case.extra)
+    return kw
+
+
+def rows_needed(case: Case, steps: int) -> int:
+    return steps * case.per_device_train_batch_size * case.gradient_accumulation_steps
+
+
+def _step_logs(history: list[dict]) -> list[dict]:
+    """Per-step log entries only (drop summary / eval rows)."""
+    return [h for h in history if "loss" in h and not (SUMMARY_KEYS & set(h))]
+
+
+# ---------------------------------------------------------------------------------------------------- runners
+def run_trl(case: Case, model_dir: str, dataset, steps: int, output_dir: str) -> list[dict]:
+    """Train with TRL's PyTorch trainer on CPU; returns its per-step ``log_history`` entries."""
+    import torch
+    import trl
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(False)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    kw = _args_kwargs(case, steps, output_dir)
+    kw["use_cpu"] = True
+    kw["dataloader_num_workers"] = 0
+    if case.kind == "sft":
+        args = trl.SFTConfig(**kw)
+        trainer = trl.SFTTrainer(model=model_dir, args=args, train_dataset=dataset, processing_class=tok)
+    elif case.kind == "dpo":
+        args = trl.DPOConfig(**kw)
+        trainer = trl.DPOTrainer(model=model_dir, args=args, train_dataset=dataset, processing_class=tok)
+    else:
+        from trl.trainer.kto_config import KTOConfig
+        from trl.trainer.kto_trainer import KTOTrainer
+
+        args = KTOConfig(**kw)
+        trainer = KTOTrainer(model=model_dir, args=args, train_dataset=dataset, processing_class=tok)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    return _step_logs(trainer.state.log_history)
+
+
+def run_jax(case: Case, model_dir: str, dataset, steps: int, output_dir: str, mesh_shape=(1, 1, 1)) -> list[dict]:
+    """Train with trl_jax's trainer on a ``mesh_shape`` mesh; returns its per-step ``log_history`` entries.
+
+    ``mesh_shape=None``: the trainer's default mesh over every device (data parallel); then
+    ``per_device_train_batch_size`` is divided by the device count so the global batch stays TRL's.
+    A fully given ``mesh_shape`` smaller than the device count (e.g. ``(1, 1, 1)`` under
+    ``--xla_force_host_platform_device_count=8``) runs on the first devices: the trainer's ``make_mesh`` insists on
+    using every device, so it is wrapped here for the duration of the run."""
+    import jax
+
+    import trl_jax.trainers.base as base
+    from trl_jax.configs import DPOConfig, KTOConfig, SFTConfig
+    from trl_jax.trainers import DPOTrainer, KTOTrainer, SFTTrainer
+
+    kw = _args_kwargs(case, steps, output_dir)
+    make_mesh = base.make_mesh
+    if mesh_shape is None:
+        n = jax.device_count()
+        if case.per_device_train_batch_size % n:
+            raise ValueError(f"{case.name}: batch {case.per_device_train_batch_size} is not a multiple of {n} devices")
+        kw["per_device_train_batch_size"] = case.per_device_train_batch_size // n
+    else:
+        kw["mesh_shape"] = tuple(mesh_shape)
+        n = math.prod(mesh_shape)
+        if n < jax.device_count():
+            base.make_mesh = lambda shape, names: make_mesh(shape, names, devices=jax.devices()[:n])
+    cls = {"sft": (SFTConfig, SFTTrainer), "dpo": (DPOConfig, DPOTrainer), "kto": (KTOConfig, KTOTrainer)}[case.kind]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args = cls[0](**kw)
+            trainer = cls[1](model=model_dir, args=args, train_dataset=dataset)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            trainer.train()
+    finally:
+        base.make_mesh = make_mesh
+    return _step_logs(trainer.log_history)
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+@dataclass
+class Comparison:
+    """Per-key worst error over the steps, and the keys only one side logs."""
+
+    steps_trl: int
+    steps_jax: int
+    max_rel: dict = field(default_factory=dict)  # key -> max |a-b| / max(|b|, atol / rtol)
+    worst_step: dict = field(default_factory=dict)  # key -> 1-based step of max_rel
+    only_trl: list = field(default_factory=list)
+    only_jax: list = field(default_factory=list)
+    curves: dict = field(default_factory=dict)  # key -> (trl values, jax values)
+
+    def failures(self, rtol: float = 1e-3) -> dict:
+        return {k: v for k, v in self.max_rel.items() if not v <= rtol}
+
+    def ok(self, rtol: float = 1e-3) -> bool:
+        return self.steps_trl == self.steps_jax and not self.failures(rtol) and not self.only_trl
+
+
+def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, atol: float = 1e-6) -> Comparison:
+    """Step-by-step comparison of every numeric key both sides log (bookkeeping keys excluded).
+
+    Error of a value: ``|jax - trl| / max(|trl|, atol / rtol)`` -- relative, except near zero where ``atol``
+    applies (e.g. DPO rewards at step 1 are exactly 0 on both sides). ``NaN`` on both sides counts as equal."""
+    out = Comparison(len(trl_logs), len(jax_logs))
+    keys_trl = set().union(*(h.keys() for h in trl_logs)) - BOOKKEEPING if trl_logs else set()
+    keys_jax = set().union(*(h.keys() for h in jax_logs)) - BOOKKEEPING if jax_logs else set()
+    out.only_trl, out.only_jax = sorted(keys_trl - keys_jax), sorted(keys_jax - keys_trl)
+    for k in sorted(keys_trl & keys_jax):
+        a = np.array([float(h.get(k, np.nan)) for h in trl_logs])
+        b = np.array([float(h.get(k, np.nan)) for h in jax_logs])
+        n = min(len(a), len(b))
+        a, b = a[:n], b[:n]
+        both_nan = np.isnan(a) & np.isnan(b)
+        err = np.abs(b - a) / np.maximum(np.abs(a), atol / rtol)
+        err = np.where(both_nan, 0.0, err)
+        err = np.where(np.isnan(err), np.inf, err)
+        out.max_rel[k] = float(err.max()) if n else float("nan")
+        out.worst_step[k] = int(err.argmax()) + 1 if n else 0
+        out.curves[k] = (a.tolist(), b.tolist())
+    return out
+
+
+def run_case(case: Case | str, steps: int = 20, workdir: str | None = None, model_dir: str | None = None,
+             mesh_shape=(1, 1, 1)) -> tuple[Comparison, dict]:
+    """Build (or reuse) the model dir, run both trainers, compare. Returns ``(comparison, timings_s)``.
+    Cases named ``*-dp`` run trl_jax on the default all-device (data-parallel) mesh."""
+    case = CASES[case] if isinstance(case, str) else case
+    if case.name.endswith("-dp"):
+        mesh_shape = None
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory())
+        if model_dir is None:
+            model_dir = make_model_dir(os.path.join(workdir, "model"))
+        ds = make_dataset(case.kind, rows_needed(case, steps))
+        t0 = time.perf_counter()
+        trl_logs = run_trl(case, model_dir, ds, steps, os.path.join(workdir, f"trl-{case.name}"))
+        t1 = time.perf_counter()
+        jax_logs = run_jax(case, model_dir, ds, steps, os.path.join(workdir, f"jax-{case.name}"), mesh_shape)
+        t2 = time.perf_counter()
+    return compare(trl_logs, jax_logs), {"trl_s": t1 - t0, "jax_s": t2 - t1}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def format_report(results: dict, steps: int, rtol: float) -> str:
+    lines = [f"### Loss-curve parity, {steps} steps, tolerance {rtol:g} relative", "",
+             "| case | steps trl/jax | worst key (rel. err, step) | loss max rel. err | status | keys only in TRL | "
+             "keys only in trl_jax | time trl/jax (s) |", "|---|---|---|---|---|---|---|---|"]
+    for name, (cmp, t) in results.items():
+        worst = max(cmp.max_rel, key=lambda k: cmp.max_rel[k]) if cmp.max_rel else "-"
+        w = f"{worst} ({cmp.max_rel[worst]:.2e}, {cmp.worst_step[worst]})" if cmp.max_rel else "-"
+        status = "ok" if cmp.ok(rtol) else "MISMATCH: " + ", ".join(sorted(cmp.failures(rtol))) or "keys"
+        lines.append(f"| {name} | {cmp.steps_trl}/{cmp.steps_jax} | {w} | {cmp.max_rel.get('loss', float('nan')):.2e} "
+                     f"| {status} | {', '.join(cmp.only_trl) or '-'} | {', '.join(cmp.only_jax) or '-'} "
+                     f"| {t['trl_s']:.1f}/{t['jax_s']:.1f} |")
+    lines.append("")
+    for name, (cmp, _) in results.items():
+        lines.append(f"<details><summary>{name}: per-key max relative error</summary>\n")
+        lines.append("| key | max rel. err | at step | TRL first/last | trl_jax first/last |")
+        lines.append("|---|---|---|---|---|")
+        for k in sorted(cmp.max_rel):
+            a, b = cmp.curves[k]
+            lines.append(f"| {k} | {cmp.max_rel[k]:.2e} | {cmp.worst_step[k]} | {a[0]:.6g} / {a[-1]:.6g} "
+                         f"| {b[0]:.6g} / {b[-1]:.6g} |")
+        lines.append("\n</details>\n")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--markdown", default=None, help="append the report to this file")
+    a = p.parse_args(argv)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model_dir(os.path.join(tmp, "model"))
+        for name in a.cases:
+            results[name] = run_case(name, a.steps, workdir=tmp, model_dir=model_dir)
+            cmp = results[name][0]
+            print(f"{name}: {'ok' if cmp.ok(a.rtol) else 'MISMATCH'} loss={cmp.max_rel.get('loss')} "
+                  f"fail={cmp.failures(a.rtol)} only_trl={cmp.only_trl} only_jax={cmp.only_jax}", flush=True)
+    report = format_report(results, a.steps, a.rtol)
+    print(report)
+    if a.markdown:
+        with open(a.markdown, "a", encoding="utf-8") as f:
+            f.write(report + "\n")
+    return 0 if all(c.ok(a.rtol) for c, _ in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
