@@ -1,4 +1,6 @@
-"""Where training metrics go: a progress bar, stdout, ``log_history.jsonl`` and TensorBoard event files.
+"""Where training metrics go: a progress bar, stdout, ``log_history.jsonl``, TensorBoard event files and W&B.
+
+``report_to``: ``"tensorboard"``, ``"wandb"`` (when installed), ``"all"`` (both where available) or ``"none"``.
 
 TensorBoard files are written by a ~40-line writer (TFRecord framing of ``Event`` protos with scalar summaries),
 so no TensorFlow/torch/tensorboardX is needed; ``tensorboard --logdir <output_dir>/runs`` reads them.
@@ -155,14 +157,28 @@ def _decode_event(rec: bytes):
 
 
 # ---------------------------------------------------------------------- the logger the loop uses
+def _plain(args) -> dict:
+    """The config as JSON-friendly values (for W&B's run config)."""
+    out = {}
+    for k, v in vars(args).items():
+        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict)) else str(v)
+    return out
+
+
 def _report_to(args) -> set[str]:
     r = getattr(args, "report_to", None)
     if r in (None, "none"):
         return set()
     r = {r} if isinstance(r, str) else set(r)
     if "all" in r:
-        r = {"tensorboard"}
+        r = {"tensorboard"} | ({"wandb"} if _wandb_available() else set())
     return r
+
+
+def _wandb_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
 
 
 class MetricsLogger:
@@ -174,12 +190,21 @@ class MetricsLogger:
         self.jsonl_path = os.path.join(args.output_dir, "log_history.jsonl")
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         self._tb = None
-        unsupported = _report_to(args) - {"tensorboard"}
+        self._wandb = None
+        targets = _report_to(args)
+        unsupported = targets - {"tensorboard", "wandb"}
         if unsupported:
             print(f"[trl_jax] report_to {sorted(unsupported)} is not supported; logging to JSONL/stdout"
-                  + (" and TensorBoard" if "tensorboard" in _report_to(args) else ""), file=sys.stderr)
-        if "tensorboard" in _report_to(args):
+                  + (" and TensorBoard" if "tensorboard" in targets else ""), file=sys.stderr)
+        if "tensorboard" in targets:
             self._tb = TensorBoardWriter(getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs"))
+        if "wandb" in targets:
+            if not _wandb_available():
+                raise ImportError("report_to includes 'wandb' but wandb is not installed: `pip install wandb`.")
+            import wandb
+
+            self._wandb = wandb.run or wandb.init(project=os.environ.get("WANDB_PROJECT", getattr(args, "project", None)),
+                                                  name=getattr(args, "run_name", None), config=_plain(args))
         self._bar = None
         if not getattr(args, "disable_tqdm", False):
             try:
@@ -201,6 +226,9 @@ class MetricsLogger:
         self._jsonl.flush()
         if self._tb is not None:
             self._tb.scalars({(k if k.startswith("eval_") else f"train/{k}"): v for k, v in record.items()}, step)
+        if self._wandb is not None:
+            self._wandb.log({(k.replace("eval_", "eval/", 1) if k.startswith("eval_") else f"train/{k}"): v
+                             for k, v in record.items()}, step=step)
         if self._bar is not None:
             post = {k: f"{record[k]:.4g}" for k in ("loss", "learning_rate", "train_tokens_per_second") if k in record}
             if post:
