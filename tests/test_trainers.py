@@ -198,3 +198,25 @@ def test_bad_input_errors_name_the_problem(tmp_path):
                    peft_config=object())
     with pytest.raises(TypeError, match="Did you mean"):
         SFTConfig(output_dir=str(tmp_path), learnig_rate=1.0)
+
+
+def test_metrics_logger_sends_to_wandb_when_asked(tmp_path, monkeypatch):
+    """report_to=wandb logs every record through wandb.log with TRL/transformers-style train/ and eval/ keys."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from trl_jax.trainers.logging import MetricsLogger
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.run = None
+    fake.init = lambda **kw: types.SimpleNamespace(log=lambda rec, step: calls.append((step, rec)), config=kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = SFTConfig(output_dir=str(tmp_path), report_to="wandb", disable_tqdm=True)
+    logger = MetricsLogger(args, total_steps=2)
+    logger.log({"loss": 1.5, "learning_rate": 1e-3}, 1)
+    logger.log({"eval_loss": 2.0}, 2)
+    logger.close()
+    assert calls == [(1, {"train/loss": 1.5, "train/learning_rate": 1e-3}), (2, {"eval/loss": 2.0})]
