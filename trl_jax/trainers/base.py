@@ -18,9 +18,7 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +69,8 @@ class BaseTrainer(abc.ABC):
 
     _tag = "base"
     config_class: type = None  # set by subclasses
-    # Rows of a step that are padding (a short last batch) must be masked by the loss; trainers whose loss
-    # cannot ignore padding rows (pairwise losses averaged per pair) drop the incomplete tail instead.
+    # True: a short last batch is padded with masked rows (the losses take an example/token mask). A trainer whose
+    # batches cannot be padded (GRPO's prompt groups) sets False and drops the incomplete tail of an epoch.
     _pad_last_batch = True
 
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
@@ -105,8 +103,9 @@ class BaseTrainer(abc.ABC):
         args = self.args
         if isinstance(model, (str, os.PathLike)):
             model = resolve_model_path(os.fspath(model))
-            kwargs = dict(args.model_init_kwargs or {}) if isinstance(getattr(args, "model_init_kwargs", None), dict) else {}
-            kwargs.pop("dtype", None)
+            init_kwargs = getattr(args, "model_init_kwargs", None)
+            if isinstance(init_kwargs, dict) and init_kwargs.get("dtype") in _DTYPES:
+                args.param_dtype = init_kwargs["dtype"]  # TRL: the dtype the weights are loaded in
             m, params = from_pretrained(
                 os.fspath(model),
                 dtype=_dtype(args.compute_dtype),
@@ -149,6 +148,7 @@ class BaseTrainer(abc.ABC):
 
         if isinstance(dataset, (str, os.PathLike)):
             dataset = load_dataset_any(os.fspath(dataset), split="train" if split == "train" else split)
+        dataset = self._materialize(dataset, split)
         if hasattr(dataset, "__len__") and len(dataset) == 0:
             raise ValueError(f"The {split} dataset is empty; pass a dataset with at least one row.")
         prepared = self._prepare_dataset(dataset, split)
@@ -158,6 +158,22 @@ class BaseTrainer(abc.ABC):
                 "longer than max_length); raise max_length or shorten the prompts."
             )
         return prepared
+
+    def _materialize(self, dataset, split):
+        """An ``IterableDataset`` (streaming) is read up to what the run needs: ``max_steps`` optimizer steps of
+        training rows (as transformers requires ``max_steps`` for iterable datasets), or the whole eval stream."""
+        from datasets import Dataset, IterableDataset
+
+        if not isinstance(dataset, IterableDataset):
+            return dataset
+        if split == "train":
+            if not (self.args.max_steps and self.args.max_steps > 0):
+                raise ValueError("A streaming (IterableDataset) train_dataset needs max_steps > 0 in the config, as "
+                                 "transformers requires; set max_steps.")
+            rows_needed = self.args.max_steps * self.args.per_device_train_batch_size * \
+                batch_parallel_size(self.mesh) * self.args.gradient_accumulation_steps
+            dataset = dataset.take(rows_needed)
+        return Dataset.from_list(list(dataset))
 
     # ------------------------------------------------------------------ hooks
     @abc.abstractmethod
@@ -189,14 +205,12 @@ class BaseTrainer(abc.ABC):
         return self.micro_batch_rows * self.args.gradient_accumulation_steps
 
     def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (see ``_pad_last_batch``)."""
         n = len(self.train_dataset)
-        micro = n / self.micro_batch_rows
-        micro = math.ceil(micro) if self._pad_last_batch else math.floor(micro)
+        micro = math.ceil(n / self.micro_batch_rows) if self._pad_last_batch else n // self.micro_batch_rows
         if micro == 0:
-            raise ValueError(
-                f"The train dataset has {n} rows, fewer than one batch of {self.micro_batch_rows} "
-                "(per_device_train_batch_size x data-parallel devices); lower per_device_train_batch_size."
-            )
+            raise ValueError(f"The train dataset has {n} rows, fewer than one batch of {self.micro_batch_rows} "
+                             "(per_device_train_batch_size x data-parallel devices); lower per_device_train_batch_size.")
         return max(micro // self.args.gradient_accumulation_steps, 1)
 
     def num_training_steps(self) -> int:
@@ -261,6 +275,8 @@ class BaseTrainer(abc.ABC):
         if not resume_from_checkpoint:
             return 0
         step = None
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "latest"):
+            resume_from_checkpoint = True
         if isinstance(resume_from_checkpoint, str):
             path = os.path.abspath(resume_from_checkpoint)
             base = os.path.basename(path)
@@ -449,12 +465,7 @@ class BaseTrainer(abc.ABC):
             self._build(self.num_training_steps() if self.train_dataset is not None else 1)
         rows_per_batch = self.args.per_device_eval_batch_size * batch_parallel_size(self.mesh)
         n = len(ds)
-        nb = math.ceil(n / rows_per_batch) if self._pad_last_batch else n // rows_per_batch
-        if nb == 0:
-            raise ValueError(
-                f"The eval dataset has {n} rows, fewer than one batch of {rows_per_batch}; lower "
-                "per_device_eval_batch_size."
-            )
+        nb = math.ceil(n / rows_per_batch)
         num = den = 0.0
         values: dict[str, list] = {}
         for b in range(nb):
