@@ -12,23 +12,11 @@ from __future__ import annotations
 
 import functools
 
-CHATML_TEMPLATE = (
-    "{%- if tools %}{{- '<|im_start|>system\\nTools: ' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}"
-    "{{- message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+from trl_jax.assets import CHATML_TEMPLATE, SPECIAL_TOKENS  # one ChatML template with generation markers
 
 # Same template without generation markers (for testing the assistant_only_loss error path).
 CHATML_TEMPLATE_NO_MARKERS = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 _WORDS = (
     "the a an is are was were be been of to in on at for with by from and or not no yes it this that these those "
