@@ -173,4 +173,4 @@ def test_dataset_mixture_from_yaml_dict():
     from trl_jax.data import load_dataset_mixture
 
     ds = load_dataset_mixture(run.dataset_args)
-    assert len(ds["train"]) == 200
+    assert len(ds["train"]) == 1000  # half of the 2000-row builtin split
