@@ -3,6 +3,7 @@
     trl-jax sft --config configs/quickstart_sft.yaml [--max_steps 100 --learning_rate 1e-4 ...]
     trl-jax dpo --config configs/quickstart_dpo.yaml
     trl-jax kto --config configs/quickstart_kto.yaml
+    trl-jax grpo --config configs/quickstart_grpo.yaml      # reward_funcs: [accuracy_reward, my_pkg.my_reward]
     trl-jax env
 
 YAML keys are the fields of the trainer config (``SFTConfig`` ...), TRL's ``ModelConfig``
@@ -19,7 +20,7 @@ import argparse
 import os
 import sys
 
-TRAINERS = ("sft", "dpo", "kto")
+TRAINERS = ("sft", "dpo", "kto", "grpo")
 
 
 def _parse_overrides(extra: list[str]) -> dict:
@@ -84,8 +85,10 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     from trl_jax import configs
     from trl_jax import trainers as T
 
-    cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig}[command]
-    run = configs.load_config(config if config else {}, cls, overrides)
+    cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig,
+           "grpo": configs.GRPOConfig}[command]
+    script_cls = configs.GRPOScriptArguments if command == "grpo" else None
+    run = configs.load_config(config if config else {}, cls, overrides, script_cls=script_cls)
     args = run.args
     if args.output_dir is None:
         args.output_dir = os.path.join("outputs", command)
@@ -94,8 +97,19 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         args.param_dtype = run.model_args.dtype
     train, eval_ds = _datasets(run, split_names=command == "sft")
     model = _model_id(run)
-    trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[command]
-    trainer = trainer_cls(model, args=args, train_dataset=train, eval_dataset=eval_ds)
+    if command == "grpo":
+        from trl_jax.rewards import resolve_reward_funcs
+
+        funcs = resolve_reward_funcs(run.script_args.reward_funcs)
+        if run.script_args.reward_model_name_or_path:
+            funcs.insert(0, run.script_args.reward_model_name_or_path)
+        if not funcs:
+            raise SystemExit("trl-jax grpo: set `reward_funcs` (built-in names such as accuracy_reward, or dotted "
+                             "import paths) and/or `reward_model_name_or_path` in the config.")
+        trainer = T.GRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds)
+    else:
+        trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[command]
+        trainer = trainer_cls(model, args=args, train_dataset=train, eval_dataset=eval_ds)
     result = {}
     if command == "sft" and trainer.eval_dataset is not None:
         result["exact_match_before"] = trainer.completion_exact_match()

@@ -828,6 +828,15 @@ class ScriptArguments(_ConfigMixin):
 
 
 @dataclass
+class GRPOScriptArguments(ScriptArguments):
+    """`trl.scripts.grpo.GRPOScriptArguments`: reward functions by built-in name or dotted import path, and an
+    optional reward model (a `*ForSequenceClassification` checkpoint)."""
+
+    reward_funcs: list[str] | None = None
+    reward_model_name_or_path: str | None = None
+
+
+@dataclass
 class DatasetConfig(_ConfigMixin):
     """One entry of `DatasetMixtureConfig.datasets` (`trl.scripts.utils.DatasetConfig`)."""
 
@@ -865,7 +874,8 @@ class RunConfig(NamedTuple):
     dataset_args: DatasetMixtureConfig
 
 
-def load_config(source, config_cls=SFTConfig, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_config(source, config_cls=SFTConfig, overrides: dict[str, Any] | None = None,
+                script_cls=None) -> RunConfig:
     """Read a TRL-style run config (YAML path or dict) the way `trl.scripts.utils.TrlParser` does.
 
     * A top-level `env:` mapping is exported to `os.environ` (values stringified).
@@ -891,7 +901,7 @@ def load_config(source, config_cls=SFTConfig, overrides: dict[str, Any] | None =
         for key, value in env.items():
             os.environ[str(key)] = str(value)
     values.update(overrides or {})
-    groups = [config_cls, ModelConfig, ScriptArguments, DatasetMixtureConfig]
+    groups = [config_cls, ModelConfig, script_cls or ScriptArguments, DatasetMixtureConfig]
     buckets: list[dict[str, Any]] = [{} for _ in groups]
     for key, value in values.items():
         matched = False

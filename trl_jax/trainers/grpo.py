@@ -1,0 +1,597 @@
+"""``GRPOTrainer``: TRL 1.16's group relative policy optimisation on the shared loop.
+
+Each optimizer step reads ``gradient_accumulation_steps`` micro-batches from a buffer of generated completions, as
+TRL's ``_prepare_inputs`` does:
+
+* A *generation batch* is ``per_device_train_batch_size x data-parallel devices x steps_per_generation`` rows:
+  ``U = rows / num_generations`` prompts, each repeated ``num_generations`` times in a row (TRL's
+  ``RepeatSampler`` order; prompts shuffled per epoch when ``shuffle_dataset``). Prompts are left-padded to one
+  bucket length (the longest tokenized prompt, rounded up to a multiple of 8) and sampled with the jitted KV-cache
+  sampler (:func:`trl_jax.generation.generate`) using the *current* policy params; completions are
+  ``max_completion_length`` columns, right-padded.
+* Completions are decoded (:func:`trl_jax.data.decode.decode_and_strip_padding`; conversational prompts get
+  ``[{"role": "assistant", "content": text}]``), scored by every reward function / reward model, and turned into
+  group-relative advantages (:func:`trl_jax.losses.grpo.grpo_advantages`). The generation batch is shuffled, cut
+  into ``steps_per_generation`` slices and reused ``num_iterations`` times; old log-probs are computed at
+  generation time only when the buffer outlives one optimizer step (TRL's rule), else the ratio is exactly 1.
+* The loss (:func:`trl_jax.losses.grpo.grpo_loss`, every ``loss_type``) runs inside the shared jitted step. Each
+  micro-batch contributes TRL's own micro-batch loss (TRL's normalizers, including ``/ gradient_accumulation_steps``
+  and DAPO's ``num_items_in_batch`` over the generation batch), so an optimizer step back-propagates exactly the sum
+  TRL back-propagates.
+
+Generation metrics (``reward``, ``reward_std``, ``rewards/<name>/mean|std``, ``frac_reward_zero_std``,
+``completions/*``) are logged once per generation (NaN on steps that only reuse a buffer, ignored by the window
+average); loss metrics (``kl``, ``entropy``, ``clip_ratio/*``, ...) once per step. The last generation batch's
+prompts, completions, rewards and advantages are appended to ``<output_dir>/completions.jsonl`` at every logging
+step (TRL's completions table).
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trl_jax.configs import GRPOConfig
+from trl_jax.data.decode import decode_and_strip_padding
+from trl_jax.data.formats import is_conversational
+from trl_jax.losses.base import LossTerms
+from trl_jax.losses.grpo import grpo_advantages, grpo_loss, truncated_completions
+from trl_jax.ops import fused_log_probs
+from trl_jax.parallel import batch_parallel_size
+from trl_jax.trainers.base import BaseTrainer, reject_unsupported
+from trl_jax.trainers.reference import ReferenceModelMixin
+
+_PROMPT_BUCKET = 8
+
+
+def _round_up(n: int, m: int) -> int:
+    return max(-(-int(n) // m) * m, m)
+
+
+def _left_pad(rows: list[list[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        if len(r) > length:
+            raise ValueError(f"prompt of {len(r)} tokens is longer than the prompt bucket ({length}).")
+        if r:
+            ids[i, length - len(r):] = r
+            mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+def reward_func_name(func) -> str:
+    """TRL's naming: a function's ``__name__``, a reward model's checkpoint directory name."""
+    if isinstance(func, str):
+        return os.path.basename(func.rstrip("/"))
+    if isinstance(func, tuple):
+        m = func[0]
+        name = getattr(m, "name_or_path", None) or getattr(getattr(m, "hf_config", None), "_name_or_path", None)
+        return os.path.basename(str(name).rstrip("/")) if name else "reward_model"
+    return getattr(func, "__name__", type(func).__name__)
+
+
+class _StepWithHostMetrics:
+    """Wraps the compiled train step: adds this step's host-side generation metrics to the returned metrics."""
+
+    def __init__(self, inner, trainer):
+        self._inner, self._trainer = inner, trainer
+
+    def __call__(self, state, batch):
+        state, metrics = self._inner(state, batch)
+        metrics = dict(metrics)
+        metrics.update(self._trainer._step_host_metrics)
+        return state, metrics
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
+    """``GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=..., processing_class=...)``.
+
+    ``reward_funcs``: one or a list of: Python callables with TRL's signature (``prompts``, ``completions``,
+    ``completion_ids`` and the dataset's other columns as keyword lists; return floats or ``None``), built-in names
+    (:data:`trl_jax.rewards.REWARD_FUNCS`) or dotted import paths, and reward models (a local directory / hub id of
+    a ``*ForSequenceClassification`` checkpoint, or a ``(CausalLM, params)`` pair with a ``score`` head).
+    ``reward_processing_classes``: the reward models' tokenizers (default: loaded from the checkpoint, else the
+    policy's tokenizer).
+    """
+
+    _tag = "grpo"
+    config_class = GRPOConfig
+    _pad_last_batch = False
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=None, quantization_config=None, peft_config=None, tools=None, rollout_func=None,
+                 environment_factory=None):
+        reject_unsupported("GRPOTrainer", optimizers=optimizers, quantization_config=quantization_config,
+                           peft_config=peft_config, tools=tools, rollout_func=rollout_func,
+                           environment_factory=environment_factory)
+        if args is not None:
+            self._check_args(args)
+        self._prompt_len = {}
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks)
+        self._check_args(self.args)
+        self._setup_rewards(reward_funcs, reward_processing_classes)
+        tok = self.processing_class
+        self.pad_token_id = int(tok.pad_token_id)
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        extra = (self.args.generation_kwargs or {}).get("eos_token_id") if isinstance(
+            self.args.generation_kwargs, dict) else None
+        if extra is not None:
+            eos += [extra] if isinstance(extra, int) else list(extra)
+        self.eos_token_ids = list(dict.fromkeys(int(e) for e in eos))
+        if not self.eos_token_ids:
+            raise ValueError("The tokenizer has no eos_token_id; set `eos_token` in the config.")
+        self._gen_cache: dict[int, list[dict]] = {}
+        self._step_host_metrics: dict[str, float] = {}
+        self._gen_metric_keys: list[str] | None = None
+        self._pending_tokens = 0.0
+        self._table = collections.deque(maxlen=self.generation_rows)
+        self._logps_jit = None
+        self._generated_step = None
+
+    # ------------------------------------------------------------------ config
+    @staticmethod
+    def _check_args(args):
+        if args.use_vllm:
+            raise ValueError("use_vllm=True: trl_jax generates with its own jitted JAX sampler; set use_vllm=False.")
+        if args.use_adaptive_entropy:
+            raise ValueError("use_adaptive_entropy is not supported by trl_jax yet; use a fixed entropy_coef.")
+        if args.max_tool_calling_iterations is not None:
+            raise ValueError("Tool calling is not supported by trl_jax yet; unset max_tool_calling_iterations.")
+        if args.max_completion_length is None or args.max_completion_length < 1:
+            raise ValueError("max_completion_length must be a positive int (completions are padded to it).")
+
+    @property
+    def num_generations(self) -> int:
+        return int(self.args.num_generations)
+
+    @property
+    def steps_per_generation(self) -> int:
+        return int(self.args.steps_per_generation)
+
+    @property
+    def generation_rows(self) -> int:
+        """Rows (completions) in one generation batch: micro-batch rows x ``steps_per_generation``."""
+        rows = self.micro_batch_rows * self.steps_per_generation
+        if rows % self.num_generations:
+            raise ValueError(
+                f"The generation batch ({rows} = per_device_train_batch_size x {batch_parallel_size(self.mesh)} "
+                f"devices x steps_per_generation {self.steps_per_generation}) must be divisible by num_generations "
+                f"({self.num_generations}); change per_device_train_batch_size or num_generations."
+            )
+        return rows
+
+    # ------------------------------------------------------------------ reference model (only when beta != 0)
+    def _resolve_ref_model(self, ref_model):
+        if self.args.beta == 0.0:
+            return None
+        return super()._resolve_ref_model(ref_model)
+
+    def _ref_params_for_state(self):
+        return self.ref_model_params
+
+    # ------------------------------------------------------------------ rewards
+    def _setup_rewards(self, reward_funcs, reward_processing_classes):
+        from trl_jax.rewards import resolve_reward_funcs
+
+        funcs = resolve_reward_funcs(reward_funcs)
+        if not funcs:
+            raise ValueError("GRPOTrainer needs at least one reward function or reward model in `reward_funcs`.")
+        if reward_processing_classes is None or not isinstance(reward_processing_classes, (list, tuple)):
+            reward_processing_classes = [reward_processing_classes] * len(funcs)
+        if len(reward_processing_classes) != len(funcs):
+            raise ValueError(f"Got {len(reward_processing_classes)} reward_processing_classes for {len(funcs)} "
+                             "reward functions; pass one per reward function (None for Python functions).")
+        self.reward_func_names = [reward_func_name(f) for f in funcs]
+        self.reward_funcs, self.reward_processing_classes = [], []
+        for f, rpc in zip(funcs, reward_processing_classes, strict=True):
+            if isinstance(f, (str, os.PathLike)):
+                from trl_jax.assets import resolve_model_path
+                from trl_jax.models import from_pretrained
+
+                path = resolve_model_path(os.fspath(f))
+                m, p = from_pretrained(path, mesh=self.mesh, scan_layers=self.args.scan_layers)
+                if rpc is None:
+                    from transformers import AutoTokenizer
+
+                    rpc = AutoTokenizer.from_pretrained(path)
+                f = (m, p)
+            if isinstance(f, tuple):
+                if "score" not in f[1]:
+                    raise ValueError(f"Reward model {reward_func_name(f)!r} has no `score` head: pass a "
+                                     "*ForSequenceClassification checkpoint.")
+                rpc = rpc if rpc is not None else self.processing_class
+                if rpc.pad_token_id is None:
+                    rpc.pad_token = rpc.eos_token
+            elif not callable(f):
+                raise TypeError(f"reward_funcs entries must be callables, names or reward models; got {type(f)}.")
+            self.reward_funcs.append(f)
+            self.reward_processing_classes.append(rpc)
+        w = self.args.reward_weights
+        if w is not None and len(w) != len(self.reward_funcs):
+            raise ValueError(f"Number of reward weights ({len(w)}) must match number of reward functions "
+                             f"({len(self.reward_funcs)}).")
+        self.reward_weights = np.asarray(w if w is not None else [1.0] * len(self.reward_funcs), np.float32)
+        self._rm_jit = {}
+
+    def _call_reward_func(self, i, func, prompts, completions, completion_ids, kwargs):
+        name = self.reward_func_names[i]
+        try:
+            out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised with the offending completion named
+            bad = self._find_offender(func, prompts, completions, completion_ids, kwargs)
+            where = ("on the batch as a whole (no single completion fails alone); first completion: "
+                     f"{completions[0]!r}") if bad is None else (
+                f"on completion {bad}: {completions[bad]!r} (prompt: {prompts[bad]!r})")
+            raise RuntimeError(
+                f"Reward function {name!r} raised {type(e).__name__}: {e} -- {where}. Fix the reward function (return "
+                "None for completions it cannot score)."
+            ) from e
+        out = [float("nan") if r is None else float(r) for r in out]
+        if len(out) != len(prompts):
+            raise ValueError(
+                f"The reward function '{name}' returned {len(out)} rewards, but {len(prompts)} were expected (one per "
+                "prompt-completion pair). Make sure the reward function returns exactly one reward per completion."
+            )
+        return out
+
+    @staticmethod
+    def _find_offender(func, prompts, completions, completion_ids, kwargs):
+        for j in range(len(prompts)):
+            kw = {k: ([v[j]] if isinstance(v, list) and len(v) == len(prompts) else v) for k, v in kwargs.items()}
+            try:
+                func(prompts=[prompts[j]], completions=[completions[j]], completion_ids=[completion_ids[j]], **kw)
+            except Exception:  # noqa: BLE001
+                return j
+        return None
+
+    def _reward_model_scores(self, i, prompts, completions):
+        from trl_jax.data.chat_template import apply_chat_template
+
+        model, params = self.reward_funcs[i]
+        rpc = self.reward_processing_classes[i]
+        if is_conversational({"prompt": prompts[0]}):
+            texts = [apply_chat_template({"messages": p + c}, rpc)["text"] for p, c in zip(prompts, completions)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        enc = rpc(text=texts, add_special_tokens=False)["input_ids"]
+        length = _round_up(max(len(e) for e in enc), 64)
+        ids = np.full((len(enc), length), rpc.pad_token_id, np.int32)
+        mask = np.zeros_like(ids)
+        for r, e in enumerate(enc):
+            ids[r, :len(e)], mask[r, :len(e)] = e, 1
+        if i not in self._rm_jit:
+            pad = int(rpc.pad_token_id)
+            self._rm_jit[i] = jax.jit(lambda p, x, m: model.sequence_scores(p, x, attention_mask=m, pad_token_id=pad))
+        scores = jax.device_get(self._rm_jit[i](params, ids, mask))
+        return np.asarray(scores, np.float32)[:, 0].tolist()
+
+    def _calculate_rewards(self, rows, prompts, completions, completion_ids):
+        """``[N, F]`` rewards (NaN where a function returned ``None``), TRL's ``_calculate_rewards``."""
+        keys = [k for k in rows[0] if k not in ("prompt", "completion", "completion_ids", "prompt_ids")]
+        kwargs = {k: [r[k] for r in rows] for k in keys}
+        kwargs["trainer_state"] = self.trainer_state
+        kwargs["log_extra"] = lambda column, values: None
+        kwargs["log_metric"] = self._log_metric
+        out = np.zeros((len(prompts), len(self.reward_funcs)), np.float32)
+        for i, func in enumerate(self.reward_funcs):
+            if isinstance(func, tuple):
+                out[:, i] = self._reward_model_scores(i, prompts, completions)
+            else:
+                out[:, i] = self._call_reward_func(i, func, prompts, completions, completion_ids, kwargs)
+        if np.isnan(out).all(axis=1).any():
+            r = int(np.nonzero(np.isnan(out).all(axis=1))[0][0])
+            print(f"[trl_jax] warning: all reward functions returned None for prompt {prompts[r]!r} / completion "
+                  f"{completions[r]!r}; make sure at least one reward function returns a valid reward.",
+                  file=sys.stderr)
+        return out
+
+    def _log_metric(self, name, value):
+        self._user_metrics.setdefault(name, []).append(float(value))
+
+    # ------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, split):
+        cols = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0].keys())
+        if "prompt" not in cols:
+            raise ValueError(
+                f"GRPOTrainer needs a `prompt` column (a string, or a list of chat messages); the {split} dataset has "
+                f"columns {cols}."
+            )
+        tok = self.processing_class
+        kw = self.args.chat_template_kwargs if isinstance(self.args.chat_template_kwargs, dict) else {}
+
+        def tokenize(example):
+            p = example["prompt"]
+            if is_conversational({"prompt": p}):
+                ids = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              **kw)["input_ids"]
+            else:
+                ids = tok(text=p)["input_ids"]
+            return {"prompt_ids": list(ids)}
+
+        dataset = dataset.map(tokenize)
+        self._prompt_len[split] = max(len(x) for x in dataset["prompt_ids"])
+        return dataset
+
+    @property
+    def prompt_length(self) -> int:
+        """The prompt bucket: longest tokenized prompt over the datasets, rounded up to a multiple of 8."""
+        return _round_up(max(self._prompt_len.values()), _PROMPT_BUCKET)
+
+    def _collate(self, rows, num_rows):
+        raise TypeError("GRPOTrainer builds its batches from generated completions; it has no row collator.")
+
+    def steps_per_epoch(self) -> int:
+        u = self.generation_rows // self.num_generations
+        gens = len(self.train_dataset) // u
+        if gens == 0:
+            raise ValueError(
+                f"The train dataset has {len(self.train_dataset)} prompts, fewer than one generation batch needs "
+                f"({u}); lower per_device_train_batch_size or steps_per_generation."
+            )
+        micro = gens * self.steps_per_generation * self.args.num_iterations
+        return max(micro // self.args.gradient_accumulation_steps, 1)
+
+    def _prompt_order(self, epoch: int) -> np.ndarray:
+        n = len(self.train_dataset)
+        if not self.args.shuffle_dataset:
+            return np.arange(n)
+        return np.random.default_rng([self.args.seed, epoch]).permutation(n)
+
+    # ------------------------------------------------------------------ generation
+    def _sampling_kwargs(self):
+        a = self.args
+        return dict(
+            max_new_tokens=int(a.max_completion_length), temperature=a.temperature,
+            top_k=a.top_k or None, top_p=None if a.top_p == 1.0 else a.top_p, min_p=a.min_p,
+            repetition_penalty=None if a.repetition_penalty == 1.0 else a.repetition_penalty,
+            eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
+        )
+
+    def _sample(self, params, prompt_ids, prompt_mask, rng):
+        from trl_jax.generation import generate
+
+        batch = self._device_batch({"ids": prompt_ids, "mask": prompt_mask})
+        out = generate(self.model, params, batch["ids"], batch["mask"], rng, mesh=self.mesh, return_logprobs=False,
+                       check_inputs=False, **self._sampling_kwargs())
+        return np.asarray(jax.device_get(out.completion_ids)), np.asarray(jax.device_get(out.completion_mask))
+
+    def _token_logps(self, params, batch, *, entropy=False):
+        """Per-token log-probs (and entropies) of the completion tokens: ``[R, C]`` fp32.
+
+        ``batch``: ``input_ids [R, P + C]`` (left-padded prompt + right-padded completion), ``segment_ids`` (1 = real
+        token), ``completion_ids [R, C]``, ``completion_mask [R, C]``. Logits are divided by ``temperature``.
+        """
+        ids, seg = batch["input_ids"], batch["segment_ids"]
+        c = batch["completion_ids"].shape[1]
+        pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+        hidden = self.model.hidden_states(params, ids, pos, seg)
+        h = hidden[:, ids.shape[1] - c - 1:-1]
+        return fused_log_probs(
+            h, self.model.lm_head_weight(params), batch["completion_ids"], chunk_size=self.args.logprob_chunk_size,
+            temperature=self.args.temperature, return_entropy=entropy, mask=batch["completion_mask"].astype(bool),
+        )
+
+    def _old_logps(self, params, arrays):
+        if self._logps_jit is None:
+            self._logps_jit = jax.jit(lambda p, b: self._token_logps(p, b))
+        rows = self.micro_batch_rows
+        keys = ("input_ids", "segment_ids", "completion_ids", "completion_mask")
+        out = []
+        for s in range(0, arrays["input_ids"].shape[0], rows):
+            chunk = {k: arrays[k][s:s + rows] for k in keys}
+            out.append(np.asarray(jax.device_get(self._logps_jit(params, self._device_batch(chunk))), np.float32))
+        return np.concatenate(out, axis=0)
+
+    def _rows_for_generation(self, gen_index: int) -> list[dict]:
+        u = self.generation_rows // self.num_generations
+        gens_per_epoch = len(self.train_dataset) // u
+        epoch, within = divmod(gen_index, gens_per_epoch)
+        idx = self._prompt_order(epoch)[within * u:(within + 1) * u]
+        return [self.train_dataset[int(i)] for i in idx for _ in range(self.num_generations)]
+
+    def generate_and_score(self, rows: list[dict], params, rng, *, num_generations: int, shuffle_seed=None):
+        """Sample, decode, score one generation batch (``rows`` already repeated ``num_generations`` times).
+
+        Returns ``(arrays, metrics, table)``: ``arrays`` is a dict of numpy arrays with one row per completion
+        (``input_ids``, ``segment_ids``, ``completion_ids``, ``completion_mask``, ``advantages``,
+        ``num_items_in_batch``), ``metrics`` TRL's generation metrics, ``table`` the rows of the completions table.
+        """
+        args = self.args
+        prompts = [r["prompt"] for r in rows]
+        prompt_ids, prompt_mask = _left_pad([r["prompt_ids"] for r in rows], self.prompt_length, self.pad_token_id)
+        cids, cmask = self._sample(params, prompt_ids, prompt_mask, rng)
+        lengths = cmask.sum(axis=1)
+        completion_ids_list = [row[:n].tolist() for row, n in zip(cids, lengths, strict=True)]
+        texts = decode_and_strip_padding(cids, self.processing_class, mask=cmask, think_start=None, think_end=None)
+        conversational = is_conversational({"prompt": prompts[0]})
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+
+        self._user_metrics = {}
+        rewards_per_func = self._calculate_rewards(rows, prompts, completions, completion_ids_list)
+        advantages, adv_metrics = grpo_advantages(
+            rewards_per_func, self.reward_weights, num_generations=num_generations, scale_rewards=args.scale_rewards,
+            multi_objective_aggregation=args.multi_objective_aggregation, reward_func_names=self.reward_func_names,
+        )
+        advantages = np.asarray(advantages, np.float32)
+        truncated = np.asarray(truncated_completions(cids, cmask, self.eos_token_ids, self.pad_token_id))
+        loss_mask = cmask * (~truncated)[:, None] if args.mask_truncated_completions else cmask
+        n = len(rows)
+        arrays = {
+            "input_ids": np.concatenate([prompt_ids, cids], axis=1).astype(np.int32),
+            "segment_ids": np.concatenate([prompt_mask, loss_mask], axis=1).astype(np.int32),
+            "completion_ids": cids.astype(np.int32),
+            "completion_mask": loss_mask.astype(np.int32),
+            "advantages": advantages,
+            "num_items_in_batch": np.full((n,), float(loss_mask.sum()), np.float32),
+        }
+        lengths_f = lengths.astype(np.float64)
+        term = lengths_f[~truncated] if (~truncated).any() else np.zeros(1)
+        metrics = {
+            "completions/mean_length": float(lengths_f.mean()),
+            "completions/min_length": float(lengths_f.min()),
+            "completions/max_length": float(lengths_f.max()),
+            "completions/clipped_ratio": float(truncated.mean()),
+            "completions/mean_terminated_length": float(term.mean()),
+            "completions/min_terminated_length": float(term.min()),
+            "completions/max_terminated_length": float(term.max()),
+        }
+        metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
+        metrics.update({k: float(np.mean(v)) for k, v in self._user_metrics.items()})
+        self._pending_tokens += float(prompt_mask.sum() + lengths.sum())
+        table = [
+            {"prompt": p, "completion": c, **{name: float(rewards_per_func[j, i]) if not math.isnan(
+                rewards_per_func[j, i]) else None for i, name in enumerate(self.reward_func_names)},
+             "advantage": float(advantages[j])}
+            for j, (p, c) in enumerate(zip(prompts, completions, strict=True))
+        ]
+        return arrays, metrics, table
+
+    def _generation(self, gen_index: int):
+        """Generate, score and slice generation batch ``gen_index`` (TRL's buffered ``_generate_and_score``)."""
+        args = self.args
+        rows = self._rows_for_generation(gen_index)
+        rng = jax.random.fold_in(jax.random.PRNGKey(args.seed + 1), gen_index)
+        arrays, metrics, table = self.generate_and_score(rows, self.state.params, rng,
+                                                         num_generations=self.num_generations)
+        generate_every = self.steps_per_generation * args.num_iterations
+        if args.gradient_accumulation_steps % generate_every != 0:
+            arrays["old_per_token_logps"] = self._old_logps(self.state.params, arrays)
+        perm = np.random.default_rng([args.seed, gen_index, 7]).permutation(len(rows))
+        arrays = {k: v[perm] for k, v in arrays.items()}
+        m = self.micro_batch_rows
+        slices = [{k: v[s * m:(s + 1) * m] for k, v in arrays.items()} for s in range(self.steps_per_generation)]
+        self._table.extend(table)
+        return slices, metrics
+
+    def _batch_for_step(self, step: int):
+        ga = self.args.gradient_accumulation_steps
+        per_gen = self.steps_per_generation * self.args.num_iterations
+        parts, new_metrics = [], []
+        for j in range(ga):
+            micro = step * ga + j
+            g = micro // per_gen
+            if g not in self._gen_cache:
+                slices, metrics = self._generation(g)
+                self._gen_cache = {g: slices}
+                new_metrics.append(metrics)
+            parts.append(self._gen_cache[g][micro % self.steps_per_generation])
+        if self._gen_metric_keys is None:
+            self._gen_metric_keys = sorted(new_metrics[0])
+        self._step_host_metrics = {
+            k: float(np.mean([m[k] for m in new_metrics if k in m])) if new_metrics else float("nan")
+            for k in self._gen_metric_keys
+        }
+        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+    def _batch_stats(self, batch):
+        tokens, self._pending_tokens = self._pending_tokens, 0.0
+        return {"num_tokens": tokens}
+
+    def _build(self, total_steps: int):
+        super()._build(total_steps)
+        self._train_step = _StepWithHostMetrics(self._train_step, self)
+
+    # ------------------------------------------------------------------ loss
+    def grpo_loss_terms(self, params, batch, ref_params=None, *, training=True) -> LossTerms:
+        """TRL's micro-batch loss terms (``grpo_loss``) for one micro-batch of generated rows."""
+        args = self.args
+        logps, ent = self._token_logps(params, batch, entropy=True)
+        ref = None
+        if args.beta != 0.0:
+            if ref_params is None:
+                raise ValueError("beta != 0 needs the reference model params in the train state.")
+            ref = jax.lax.stop_gradient(self._token_logps(jax.lax.stop_gradient(ref_params), batch))
+        return grpo_loss(
+            logps, batch.get("old_per_token_logps"), ref, batch["advantages"], batch["completion_mask"],
+            loss_type=args.loss_type, epsilon=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
+            beta=args.beta, importance_sampling_level=args.importance_sampling_level,
+            use_bias_correction_kl=args.use_bias_correction_kl, sapo_temperature_neg=args.sapo_temperature_neg,
+            sapo_temperature_pos=args.sapo_temperature_pos, vespo_k_pos=args.vespo_k_pos,
+            vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg, entropies=ent, top_entropy_quantile=args.top_entropy_quantile,
+            entropy_coef=args.entropy_coef, off_policy_mask_threshold=args.off_policy_mask_threshold,
+            max_completion_length=args.max_completion_length,
+            num_items_in_batch=batch["num_items_in_batch"][0],
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            steps_per_generation=self.steps_per_generation, training=training,
+        )
+
+    def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
+        """TRL's micro-batch loss ``l_j`` (already divided by ``gradient_accumulation_steps`` where TRL divides)
+        as ``numerator = l_j``, ``denominator = 1 / GA``: the shared step's ``sum(num) / sum(den)`` is then
+        ``sum_j l_j``, exactly what TRL back-propagates over an accumulation window."""
+        terms = self.grpo_loss_terms(params, batch, ref_params)
+        ga = self.args.gradient_accumulation_steps
+        return LossTerms(terms.loss, jnp.float32(1.0 / ga), terms.metrics)
+
+    # ------------------------------------------------------------------ logging
+    def _after_step(self, done: int) -> None:
+        super()._after_step(done)
+        args = self.args
+        total = self.num_training_steps()
+        if self._should(args.logging_strategy, args.logging_steps, done, self.steps_per_epoch(), total) or (
+                args.logging_first_step and done == 1) or done == total:
+            self._write_completions(done)
+
+    def _write_completions(self, step: int) -> None:
+        if not self._table:
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a", encoding="utf-8") as f:
+            for row in self._table:
+                f.write(json.dumps({"step": step, **row}, default=str) + "\n")
+        if self.args.log_completions:
+            k = self.args.num_completions_to_print or len(self._table)
+            for row in list(self._table)[:k]:
+                print(json.dumps({"step": step, **row}, default=str), flush=True)
+        self._table.clear()
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """Generate for the eval prompts (``num_generations_eval`` or ``num_generations`` each) with the current
+        params and report the loss and TRL's generation metrics, averaged over eval batches, prefixed ``eval_``."""
+        ds = self._checked(eval_dataset, "eval") if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("evaluate() needs an eval_dataset (in the constructor or as an argument).")
+        if self.state is None:
+            self._build(self.num_training_steps() if self.train_dataset is not None else 1)
+        g = int(self.args.num_generations_eval or self.num_generations)
+        rows_per_batch = self.args.per_device_eval_batch_size * batch_parallel_size(self.mesh)
+        if rows_per_batch % g:
+            raise ValueError(f"The eval batch ({rows_per_batch} rows) must be divisible by the number of eval "
+                             f"generations ({g}).")
+        u = rows_per_batch // g
+        nb = len(ds) // u
+        if nb == 0:
+            raise ValueError(f"The eval dataset has {len(ds)} prompts, fewer than one eval batch needs ({u}).")
+        if self._eval_loss_jit is None:
+            self._eval_loss_jit = jax.jit(
+                lambda p, b, r: self.grpo_loss_terms(p, b, r, training=False))
+        values: dict[str, list] = {}
+        for b in range(nb):
+            rows = [ds[i] for i in range(b * u, (b + 1) * u) for _ in range(g)]
+            rng = jax.random.fold_in(jax.random.PRNGKey(self.args.seed + 2), b)
+            arrays, metrics, _ = self.generate_and_score(rows, self.state.params, rng, num_generations=g)
+            terms = jax.device_get(self._eval_loss_jit(self.state.params, self._device_batch(arrays),
+                                                       self.state.ref_params))
+            metrics["loss"] = float(terms.numerator / (terms.denominator or 1.0))
+            metrics.update({k: float(v) for k, v in terms.metrics.items()})
+            for k, v in metrics.items():
+                values.setdefault(k, []).append(v)
+        return {f"{metric_key_prefix}_{k}": float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")
+                for k, v in values.items()}
+
+    _eval_loss_jit = None
