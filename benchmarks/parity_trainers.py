@@ -190,16 +190,13 @@ def run_jax(case: Case, model_dir: str, dataset, steps: int, output_dir: str, me
     ``mesh_shape=None``: the trainer's default mesh over every device (data parallel); then
     ``per_device_train_batch_size`` is divided by the device count so the global batch stays TRL's.
     A fully given ``mesh_shape`` smaller than the device count (e.g. ``(1, 1, 1)`` under
-    ``--xla_force_host_platform_device_count=8``) runs on the first devices: the trainer's ``make_mesh`` insists on
-    using every device, so it is wrapped here for the duration of the run."""
+    ``--xla_force_host_platform_device_count=8``) runs on the first devices (the trainer does this itself)."""
     import jax
 
-    import trl_jax.trainers.base as base
     from trl_jax.configs import DPOConfig, KTOConfig, SFTConfig
     from trl_jax.trainers import DPOTrainer, KTOTrainer, SFTTrainer
 
     kw = _args_kwargs(case, steps, output_dir)
-    make_mesh = base.make_mesh
     if mesh_shape is None:
         n = jax.device_count()
         if case.per_device_train_batch_size % n:
@@ -207,19 +204,13 @@ def run_jax(case: Case, model_dir: str, dataset, steps: int, output_dir: str, me
         kw["per_device_train_batch_size"] = case.per_device_train_batch_size // n
     else:
         kw["mesh_shape"] = tuple(mesh_shape)
-        n = math.prod(mesh_shape)
-        if n < jax.device_count():
-            base.make_mesh = lambda shape, names: make_mesh(shape, names, devices=jax.devices()[:n])
     cls = {"sft": (SFTConfig, SFTTrainer), "dpo": (DPOConfig, DPOTrainer), "kto": (KTOConfig, KTOTrainer)}[case.kind]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            args = cls[0](**kw)
-            trainer = cls[1](model=model_dir, args=args, train_dataset=dataset)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            trainer.train()
-    finally:
-        base.make_mesh = make_mesh
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = cls[0](**kw)
+        trainer = cls[1](model=model_dir, args=args, train_dataset=dataset)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.train()
     return _step_logs(trainer.log_history)
 
 
@@ -232,6 +223,7 @@ class Comparison:
     steps_jax: int
     max_rel: dict = field(default_factory=dict)  # key -> max |a-b| / max(|b|, atol / rtol)
     worst_step: dict = field(default_factory=dict)  # key -> 1-based step of max_rel
+    bad_steps: dict = field(default_factory=dict)  # key -> 1-based steps whose error exceeds rtol
     only_trl: list = field(default_factory=list)
     only_jax: list = field(default_factory=list)
     curves: dict = field(default_factory=dict)  # key -> (trl values, jax values)
@@ -263,6 +255,7 @@ def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, a
         err = np.where(np.isnan(err), np.inf, err)
         out.max_rel[k] = float(err.max()) if n else float("nan")
         out.worst_step[k] = int(err.argmax()) + 1 if n else 0
+        out.bad_steps[k] = [int(i) + 1 for i in np.nonzero(~(err <= rtol))[0]]
         out.curves[k] = (a.tolist(), b.tolist())
     return out
 
@@ -303,11 +296,12 @@ def format_report(results: dict, steps: int, rtol: float) -> str:
     lines.append("")
     for name, (cmp, _) in results.items():
         lines.append(f"<details><summary>{name}: per-key max relative error</summary>\n")
-        lines.append("| key | max rel. err | at step | TRL first/last | trl_jax first/last |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| key | max rel. err | at step | steps over tolerance | TRL first/last | trl_jax first/last |")
+        lines.append("|---|---|---|---|---|---|")
         for k in sorted(cmp.max_rel):
             a, b = cmp.curves[k]
-            lines.append(f"| {k} | {cmp.max_rel[k]:.2e} | {cmp.worst_step[k]} | {a[0]:.6g} / {a[-1]:.6g} "
+            bad = ", ".join(map(str, cmp.bad_steps[k])) or "-"
+            lines.append(f"| {k} | {cmp.max_rel[k]:.2e} | {cmp.worst_step[k]} | {bad} | {a[0]:.6g} / {a[-1]:.6g} "
                          f"| {b[0]:.6g} / {b[-1]:.6g} |")
         lines.append("\n</details>\n")
     return "\n".join(lines)
@@ -327,7 +321,8 @@ def main(argv=None) -> int:
             results[name] = run_case(name, a.steps, workdir=tmp, model_dir=model_dir)
             cmp = results[name][0]
             print(f"{name}: {'ok' if cmp.ok(a.rtol) else 'MISMATCH'} loss={cmp.max_rel.get('loss')} "
-                  f"fail={cmp.failures(a.rtol)} only_trl={cmp.only_trl} only_jax={cmp.only_jax}", flush=True)
+                  f"fail={ {k: cmp.bad_steps[k] for k in cmp.failures(a.rtol)} } only_trl={cmp.only_trl} "
+                  f"only_jax={cmp.only_jax}", flush=True)
     report = format_report(results, a.steps, a.rtol)
     print(report)
     if a.markdown:

@@ -31,6 +31,15 @@ from trl_jax.train import Checkpointer, TrainState, make_eval_step, make_train_s
 from trl_jax.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from trl_jax.trainers.logging import MetricsLogger
 
+def _make_mesh(args):
+    """The run's mesh. A fully specified ``mesh_shape`` smaller than the visible device count uses the first
+    devices (e.g. ``(1, 1, 1)`` for a single-device run on a multi-device host)."""
+    shape = args.mesh_shape
+    if shape is not None and -1 not in shape and math.prod(shape) < jax.device_count():
+        return make_mesh(shape, args.mesh_axis_names, devices=jax.devices()[:math.prod(shape)])
+    return make_mesh(shape, args.mesh_axis_names)
+
+
 def _nanmean(vals: np.ndarray) -> float:
     """Mean over the entries that were logged (NaN = a metric with no example in that batch, e.g. KTO's
     ``rewards/rejected`` on an all-desirable batch); NaN when none was."""
@@ -82,7 +91,7 @@ class BaseTrainer(abc.ABC):
         self.callback_handler = CallbackHandler(callbacks)
         self.trainer_state = TrainerState(logging_steps=args.logging_steps, eval_steps=args.eval_steps,
                                           save_steps=args.save_steps)
-        self.mesh = make_mesh(args.mesh_shape, args.mesh_axis_names)
+        self.mesh = _make_mesh(args)
         self.model, self.params, model_path = self._load_model(model)
         self.processing_class = self._load_tokenizer(processing_class, model_path)
         self.ref_model_params = self._resolve_ref_model(ref_model)

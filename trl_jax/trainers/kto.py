@@ -10,6 +10,7 @@ at 0, is the KL reference point. Sequence log-probs come from hidden states thro
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import jax
@@ -89,7 +90,14 @@ class KTOTrainer(ReferenceModelMixin, BaseTrainer):
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, split):
-        return prepare_unpaired_preference_dataset(dataset, self.processing_class, self.args, dataset_name=split)
+        # TRL rotates completions within blocks of one process's batch; here a micro-batch spans every
+        # data-parallel device, so the mismatched pairs are built within the whole micro-batch.
+        args = copy.copy(self.args)
+        args.per_device_train_batch_size = self.micro_batch_rows
+        if self._uses_kl and self.micro_batch_rows <= 1:
+            raise ValueError("KTO's KL reference point needs at least 2 examples per micro-batch (it pairs each "
+                             "prompt with another row's completion); raise per_device_train_batch_size.")
+        return prepare_unpaired_preference_dataset(dataset, self.processing_class, args, dataset_name=split)
 
     def _collate(self, rows, num_rows):
         batch = DataCollatorForUnpairedPreference(
