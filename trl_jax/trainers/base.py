@@ -31,6 +31,15 @@ from trl_jax.train import Checkpointer, TrainState, make_eval_step, make_train_s
 from trl_jax.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from trl_jax.trainers.logging import MetricsLogger
 
+def take_rows(dataset, indices) -> list[dict]:
+    """``dataset[indices]`` as a list of row dicts, read in one batched (Arrow) access instead of one per row."""
+    indices = list(indices)
+    if not indices:
+        return []
+    cols = dataset[indices]
+    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+
+
 def _make_mesh(args):
     """The run's mesh. A fully specified ``mesh_shape`` smaller than the visible device count uses the first
     devices (e.g. ``(1, 1, 1)`` for a single-device run on a multi-device host)."""
@@ -256,7 +265,7 @@ class BaseTrainer(abc.ABC):
 
     def _batch_for_step(self, step: int):
         idx = self._rows_for_step(step)
-        rows = [self.train_dataset[i] for i in idx]
+        rows = take_rows(self.train_dataset, idx)
         return self._make_batch(rows, self.step_rows)
 
     # ------------------------------------------------------------------ state
@@ -478,7 +487,7 @@ class BaseTrainer(abc.ABC):
         num = den = 0.0
         values: dict[str, list] = {}
         for b in range(nb):
-            rows = [ds[i] for i in range(b * rows_per_batch, min((b + 1) * rows_per_batch, n))]
+            rows = take_rows(ds, range(b * rows_per_batch, min((b + 1) * rows_per_batch, n)))
             out = jax.device_get(self._eval_step(self.state, self._device_batch(self._make_batch(rows, rows_per_batch))))
             num += float(out["numerator"])
             den += float(out["denominator"])

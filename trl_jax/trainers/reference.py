@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from trl_jax.parallel import batch_parallel_size
+from trl_jax.trainers.base import take_rows
 
 
 class ReferenceModelMixin:
@@ -38,7 +39,7 @@ class ReferenceModelMixin:
                 continue
             columns: dict[str, list] = {}
             for start in range(0, len(ds), rows_per_batch):
-                rows = [ds[i] for i in range(start, min(start + rows_per_batch, len(ds)))]
+                rows = take_rows(ds, range(start, min(start + rows_per_batch, len(ds))))
                 out = jax.device_get(jitted(self.ref_model_params, self._device_batch(self._collate(rows, rows_per_batch))))
                 for k, v in out.items():
                     if k in ds.column_names:

@@ -17,7 +17,7 @@ from trl_jax.data.tokenization import prepare_sft_dataset
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.sft import shift_labels, sft_loss
 from trl_jax.ops import fused_log_probs
-from trl_jax.trainers.base import BaseTrainer, reject_unsupported
+from trl_jax.trainers.base import BaseTrainer, reject_unsupported, take_rows
 
 
 class SFTTrainer(BaseTrainer):
@@ -106,7 +106,7 @@ class SFTTrainer(BaseTrainer):
         rows_per_batch = self.args.per_device_eval_batch_size * batch_parallel_size(self.mesh)
         hits = 0
         for start in range(0, len(ds), rows_per_batch):
-            rows = [ds[i] for i in range(start, min(start + rows_per_batch, len(ds)))]
+            rows = take_rows(ds, range(start, min(start + rows_per_batch, len(ds))))
             ok = jax.device_get(self._exact_match_fn(params, self._device_batch(self._collate(rows, rows_per_batch))))
             hits += int(np.sum(ok[:len(rows)]))
         return hits / len(ds)
