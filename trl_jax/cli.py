@@ -4,6 +4,7 @@
     trl-jax dpo --config configs/quickstart_dpo.yaml
     trl-jax kto --config configs/quickstart_kto.yaml
     trl-jax grpo --config configs/quickstart_grpo.yaml      # reward_funcs: [accuracy_reward, my_pkg.my_reward]
+    trl-jax online-dpo --config configs/quickstart_online_dpo.yaml
     trl-jax env
 
 YAML keys are the fields of the trainer config (``SFTConfig`` ...), TRL's ``ModelConfig``
@@ -20,7 +21,7 @@ import argparse
 import os
 import sys
 
-TRAINERS = ("sft", "dpo", "kto", "grpo")
+TRAINERS = ("sft", "dpo", "kto", "grpo", "online-dpo")
 
 
 def _parse_overrides(extra: list[str]) -> dict:
@@ -86,8 +87,8 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     from trl_jax import trainers as T
 
     cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig,
-           "grpo": configs.GRPOConfig}[command]
-    script_cls = configs.GRPOScriptArguments if command == "grpo" else None
+           "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig}[command]
+    script_cls = configs.GRPOScriptArguments if command in ("grpo", "online-dpo") else None
     run = configs.load_config(config if config else {}, cls, overrides, script_cls=script_cls)
     args = run.args
     if args.output_dir is None:
@@ -97,16 +98,18 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         args.param_dtype = run.model_args.dtype
     train, eval_ds = _datasets(run, split_names=command == "sft")
     model = _model_id(run)
-    if command == "grpo":
+    if command in ("grpo", "online-dpo"):
         from trl_jax.rewards import resolve_reward_funcs
 
         funcs = resolve_reward_funcs(run.script_args.reward_funcs)
-        if run.script_args.reward_model_name_or_path:
-            funcs.insert(0, run.script_args.reward_model_name_or_path)
+        reward_model = run.script_args.reward_model_name_or_path or getattr(args, "reward_model_path", None)
+        if reward_model:
+            funcs.insert(0, reward_model)
         if not funcs:
-            raise SystemExit("trl-jax grpo: set `reward_funcs` (built-in names such as accuracy_reward, or dotted "
-                             "import paths) and/or `reward_model_name_or_path` in the config.")
-        trainer = T.GRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds)
+            raise SystemExit(f"trl-jax {command}: set `reward_funcs` (built-in names such as accuracy_reward, or "
+                             "dotted import paths) and/or `reward_model_name_or_path` in the config.")
+        trainer_cls = T.GRPOTrainer if command == "grpo" else T.OnlineDPOTrainer
+        trainer = trainer_cls(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds)
     else:
         trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[command]
         trainer = trainer_cls(model, args=args, train_dataset=train, eval_dataset=eval_ds)
