@@ -13,7 +13,7 @@ import pytest
 from trl_jax import cli
 from trl_jax.configs import DPOConfig, KTOConfig, SFTConfig
 from trl_jax.data.loading import load_dataset_any
-from trl_jax.trainers import DPOTrainer, KTOTrainer, SFTTrainer, TrainerControl
+from trl_jax.trainers import DPOTrainer, KTOTrainer, SFTTrainer
 from trl_jax.trainers.logging import read_tensorboard_scalars
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -29,7 +29,6 @@ step (TRL's completions table).
 from __future__ import annotations
 
 import collections
-import inspect
 import json
 import math
 import os

@@ -184,6 +184,7 @@ class OnlineDPOTrainer(BaseTrainer):
     _reward_model_scores = GRPOTrainer._reward_model_scores
     _calculate_rewards = GRPOTrainer._calculate_rewards
     _log_metric = GRPOTrainer._log_metric
+    _sample = GRPOTrainer._sample  # the jitted sampler call, with this trainer's _sampling_kwargs
 
     def total_rewards(self, rows, prompts, completions, completion_ids, contain_eos) -> np.ndarray:
         """``[N]`` scores: ``nansum`` over functions of ``reward x weight``, minus ``missing_eos_penalty`` where
@@ -250,14 +251,6 @@ class OnlineDPOTrainer(BaseTrainer):
             repetition_penalty=None if rep == 1.0 else rep,
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
         )
-
-    def _sample(self, params, prompt_ids, prompt_mask, rng):
-        from trl_jax.generation import generate
-
-        batch = self._device_batch({"ids": prompt_ids, "mask": prompt_mask})
-        out = generate(self.model, params, batch["ids"], batch["mask"], rng, mesh=self.mesh, return_logprobs=False,
-                       check_inputs=False, **self._sampling_kwargs())
-        return np.asarray(jax.device_get(out.completion_ids)), np.asarray(jax.device_get(out.completion_mask))
 
     def build_pairs(self, rows: list[dict], prompt_ids, prompt_mask, completion_ids, completion_mask, *,
                     num_rows: int, micro_rows: int, beta: float):
