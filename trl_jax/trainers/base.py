@@ -40,6 +40,15 @@ def take_rows(dataset, indices) -> list[dict]:
     return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
 
 
+def prompt_columns(dataset, split: str, trainer: str) -> list[str]:
+    """The dataset's columns; an online trainer (GRPO, online DPO) needs a ``prompt`` column among them."""
+    cols = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0].keys())
+    if "prompt" not in cols:
+        raise ValueError(f"{trainer} needs a `prompt` column (a string, or a list of chat messages); the {split} "
+                         f"dataset has columns {cols}.")
+    return cols
+
+
 def _make_mesh(args):
     """The run's mesh. A fully specified ``mesh_shape`` smaller than the visible device count uses the first
     devices (e.g. ``(1, 1, 1)`` for a single-device run on a multi-device host)."""

@@ -45,7 +45,7 @@ from trl_jax.losses.base import LossTerms
 from trl_jax.losses.grpo import grpo_advantages, grpo_loss, truncated_completions
 from trl_jax.ops import fused_log_probs
 from trl_jax.parallel import batch_parallel_size
-from trl_jax.trainers.base import BaseTrainer, reject_unsupported
+from trl_jax.trainers.base import BaseTrainer, prompt_columns, reject_unsupported
 from trl_jax.trainers.reference import ReferenceModelMixin
 
 _PROMPT_BUCKET = 8
@@ -302,12 +302,7 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, split):
-        cols = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0].keys())
-        if "prompt" not in cols:
-            raise ValueError(
-                f"GRPOTrainer needs a `prompt` column (a string, or a list of chat messages); the {split} dataset has "
-                f"columns {cols}."
-            )
+        prompt_columns(dataset, split, "GRPOTrainer")
         tok = self.processing_class
         kw = self.args.chat_template_kwargs if isinstance(self.args.chat_template_kwargs, dict) else {}
 

@@ -48,7 +48,7 @@ from trl_jax.losses.base import LossTerms
 from trl_jax.losses.dpo import DPOInputs, dpo_loss_terms
 from trl_jax.ops import fused_log_probs
 from trl_jax.ops.masking import masked_sum
-from trl_jax.trainers.base import BaseTrainer, reject_unsupported
+from trl_jax.trainers.base import BaseTrainer, prompt_columns, reject_unsupported
 from trl_jax.trainers.grpo import GRPOTrainer, _left_pad, _round_up
 from trl_jax.trainers.reference import ReferenceModelMixin
 
@@ -216,12 +216,7 @@ class OnlineDPOTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, split):
-        cols = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0].keys())
-        if "prompt" not in cols:
-            raise ValueError(
-                f"OnlineDPOTrainer needs a `prompt` column (a string, or a list of chat messages); the {split} dataset "
-                f"has columns {cols}."
-            )
+        prompt_columns(dataset, split, "OnlineDPOTrainer")
         tok = self.processing_class
 
         def tokenize(example):
