@@ -1,0 +1,1 @@
+"""Small utilities: compiled-program cost counting (``hlo_cost``)."""
