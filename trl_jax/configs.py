@@ -31,6 +31,11 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "TorchOnlyFieldWarning",
+    "UsageError",
+    "DPO_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
+    "GRPO_LOSS_TYPES",
+    "ONLINE_DPO_LOSS_TYPES",
     "TORCH_ONLY_FIELDS",
     "JAX_FIELDS",
     "TrainingArgumentsJax",
@@ -90,7 +95,23 @@ JAX_FIELDS: tuple[str, ...] = (
     "scan_layers",
     "logprob_chunk_size",
     "pad_to_multiple_of",
+    "overwrite_output_dir",
+    "max_consecutive_nonfinite_updates",
 )
+
+# `loss_type` values each trainer accepts (TRL 1.16's lists; trl_jax.losses implements each of them).
+DPO_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
+GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+ONLINE_DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
+
+
+class UsageError(ValueError):
+    """A problem with how a run was asked for (a config value, an argument, an existing output_dir): the CLI
+    reports it as a usage error (exit status 2)."""
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable", "everything_saveable")
@@ -224,6 +245,12 @@ class TrainingArgumentsJax(_ConfigMixin):
         pad_to_multiple_of (`int`, *optional*, defaults to `"auto"`): collators pad the sequence axis to a multiple
             of it (bounded by `max_length`) so that jit compiles a handful of shapes. `"auto"` resolves to `None`
             as in TRL off Neuron; with `None` collators pad to `max_length` (one shape) when it is set.
+        overwrite_output_dir (`bool`, defaults to `False`): transformers' former flag. A run into an `output_dir`
+            that already holds checkpoints must either resume (`resume_from_checkpoint`) or set this, which deletes
+            the old `checkpoints/`, `log_history.jsonl` and TensorBoard `runs/` before training.
+        max_consecutive_nonfinite_updates (`int`, defaults to `3`): a step whose loss or gradient is NaN/Inf is
+            skipped (counted in the logged `skipped_updates`); after this many in a row the run stops with the
+            last good state checkpointed. `0` never stops.
     """
 
     output_dir: str | None = None
@@ -349,9 +376,12 @@ class TrainingArgumentsJax(_ConfigMixin):
     scan_layers: bool = False
     logprob_chunk_size: int = 256
     pad_to_multiple_of: int | str | None = "auto"
+    overwrite_output_dir: bool = False
+    max_consecutive_nonfinite_updates: int = 3
 
     def __post_init__(self):
         self._warn_torch_only()
+        self._check_numbers()
         if self.output_dir is None:
             self.output_dir = "trainer_output"
         if self.output_dir is not None:
@@ -436,6 +466,64 @@ class TrainingArgumentsJax(_ConfigMixin):
             raise ValueError(f"`remat_policy` must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}.")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size <= 0:
             raise ValueError(f"`logprob_chunk_size` must be positive, got {self.logprob_chunk_size}.")
+        self._check_dtype_backend()
+
+    def _check_numbers(self) -> None:
+        """Values no run can use, refused at construction with TRL's field names (before any model is loaded)."""
+        def num(name):
+            value = getattr(self, name, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+            return value
+
+        lr = num("learning_rate")
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"`learning_rate` must be a finite number >= 0, got {lr}; typical values are 1e-6 to "
+                             "1e-3 (a negative learning rate would climb the loss).")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = num(name)
+            if value != int(value) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer (>= 1), got {value}.")
+        max_steps = num("max_steps")
+        if max_steps != int(max_steps) or max_steps < -1:
+            raise ValueError(f"`max_steps` must be a positive integer, or -1 to train for `num_train_epochs`; got "
+                             f"{max_steps}.")
+        epochs = num("num_train_epochs")
+        if not math.isfinite(epochs) or epochs < 0 or (max_steps <= 0 and epochs <= 0):
+            raise ValueError(f"`num_train_epochs` must be a finite number > 0 when `max_steps` is not set (> 0); got "
+                             f"num_train_epochs={epochs}, max_steps={max_steps}.")
+        for name in ("max_length", "max_prompt_length", "max_completion_length", "max_new_tokens",
+                     "num_generations", "num_generations_eval", "num_iterations", "steps_per_generation",
+                     "generation_batch_size", "eval_accumulation_steps"):
+            value = num(name)
+            if value is not None and (value != int(value) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer (or None where TRL allows it), got {value}.")
+        for name in ("logging_steps", "save_steps", "eval_steps", "weight_decay", "adam_epsilon", "warmup_steps"):
+            value = num(name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}.")
+        limit = num("save_total_limit")
+        if limit is not None and (limit != int(limit) or limit < 1):
+            raise ValueError(f"`save_total_limit` must be a positive integer, or None to keep every checkpoint; "
+                             f"got {limit}.")
+        stop = num("max_consecutive_nonfinite_updates")
+        if stop != int(stop) or stop < 0:
+            raise ValueError(f"`max_consecutive_nonfinite_updates` must be an integer >= 0 (0 = never stop on "
+                             f"non-finite updates), got {stop}.")
+
+    def _check_dtype_backend(self) -> None:
+        """float16 matmuls do not compile on XLA's CPU backend ("F16_F16_F32 not supported by dot_general"):
+        refuse them here, as transformers refuses `fp16` on a CPU."""
+        if self.compute_dtype != "float16":
+            return
+        import jax
+
+        if jax.default_backend() == "cpu":
+            origin = "`fp16=True`" if self.fp16 else "`compute_dtype='float16'`"
+            raise ValueError(
+                f"{origin} asks for float16 activations, which XLA's CPU backend cannot compile; on CPU use "
+                "`compute_dtype='float32'` (or 'bfloat16', i.e. `bf16=True`), or run on a GPU/TPU."
+            )
 
     @property
     def world_size(self) -> int:
@@ -482,7 +570,9 @@ class BaseConfig(TrainingArgumentsJax):
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.{hint}")
 
 
 @dataclass
@@ -572,6 +662,15 @@ class DPOConfig(BaseConfig):
                 f"Got {len(self.loss_weights)} weights for {len(self.loss_type)} loss types."
             )
         _check_choice("truncation_mode", self.truncation_mode, ("keep_start", "keep_end"))
+        if not self.loss_type:
+            raise ValueError(f"`loss_type` is empty; pass one or more of {list(DPO_LOSS_TYPES)}.")
+        unknown = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], DPO_LOSS_TYPES, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"Unknown DPO `loss_type` {unknown}.{hint} Accepted: {list(DPO_LOSS_TYPES)}.")
+        _check_choice("f_divergence_type", self.f_divergence_type,
+                      ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
         super().__post_init__()
 
 
@@ -601,7 +700,7 @@ class KTOConfig(BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choice("loss_type", self.loss_type, ("kto", "apo_zero_unpaired"))
+        _check_choice("loss_type", self.loss_type, KTO_LOSS_TYPES)
 
 
 @dataclass
@@ -697,6 +796,9 @@ class GRPOConfig(BaseConfig):
         if self.use_transformers_paged:
             self.use_transformers_continuous_batching = True
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        _check_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
+        _check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        _check_choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
         if self.log_completions_hub_repo is not None and not self.log_completions:
             raise ValueError("`log_completions_hub_repo` is set but `log_completions` is False; enable it or unset.")
         num_processes = self.world_size
@@ -776,7 +878,7 @@ class OnlineDPOConfig(BaseConfig):
         super().__post_init__()
         if hasattr(self.beta, "__len__") and len(self.beta) == 1:
             self.beta = self.beta[0]
-        _check_choice("loss_type", self.loss_type, ("sigmoid", "ipo"))
+        _check_choice("loss_type", self.loss_type, ONLINE_DPO_LOSS_TYPES)
         if self.max_new_tokens >= self.max_length:
             warnings.warn(
                 f"`max_new_tokens` ({self.max_new_tokens}) >= `max_length` ({self.max_length}): prompts will be "
