@@ -420,3 +420,32 @@ def test_example_mask_drops_padding_pairs(loss_type):
     assert float(got.denominator) == 6.0
     for k, v in ref.metrics.items():
         np.testing.assert_allclose(float(got.metrics[k]), float(v), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def _pad_pairs(tokens: DPOTokenInputs, n_pad: int) -> DPOTokenInputs:
+    """Append ``n_pad`` padding pairs that carry tokens (copies of the first pairs): only example_mask removes them."""
+    return DPOTokenInputs(
+        *[None if x is None else jnp.concatenate([x, x[:n_pad]], 0) for x in tokens]
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(loss_type="sft"), dict(loss_type=["sigmoid", "sft"], loss_weights=[0.8, 1.0]), dict(loss_type="ipo")],
+    ids=_id,
+)
+def test_example_mask_padding_pairs_with_tokens_match_trl(batch, cfg):
+    """Padding pairs that carry tokens (a fixed-shape batch filled with repeats) are left out of every term,
+    the ``sft`` NLL and its token count included: the padded batch's loss and metrics equal TRL's on the real one."""
+    trl_loss, trl_metrics, _ = trl_dpo(batch, cfg)
+    padded = _pad_pairs(our_tokens(batch), 3)
+    mask = jnp.array([1] * B + [0] * 3)
+    terms = jax.jit(lambda t, m: dpo_loss_terms_from_token_logps(t, example_mask=m, **cfg))(padded, mask)
+    np.testing.assert_allclose(float(terms.loss), trl_loss, **TOL)
+    assert float(terms.denominator) == B
+    for k in trl_metrics:
+        np.testing.assert_allclose(float(terms.metrics[k]), trl_metrics[k], err_msg=k, **TOL)
+    # without the mask, the padding pairs do change the sft term (the comparison is not vacuous)
+    unmasked = dpo_loss_terms_from_token_logps(padded, **cfg)
+    if "sft" in str(cfg["loss_type"]):
+        assert abs(float(unmasked.loss) - trl_loss) > 1e-3

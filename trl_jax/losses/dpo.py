@@ -324,9 +324,15 @@ def _per_pair_loss(loss_type, *, beta, label_smoothing, discopop_tau, inputs: DP
                 "and chosen_token_counts ([B]); dpo_loss_terms_from_token_logps fills them."
             )
         # TRL: mean NLL over all chosen completion tokens of the micro-batch, broadcast to every pair.
-        # (TRL gives NaN when there are no tokens; this gives 0.)
-        total = jnp.maximum(jnp.sum(as_f32(inputs.chosen_token_counts)), 1.0)
-        return jnp.broadcast_to(jnp.sum(as_f32(inputs.chosen_nll)) / total, lr_c.shape)
+        # Padding pairs (``keep`` False) contribute neither NLL nor tokens, so a padded batch equals the
+        # unpadded one. (TRL gives NaN when there are no tokens; this gives 0.)
+        nll = as_f32(inputs.chosen_nll)
+        counts = as_f32(inputs.chosen_token_counts)
+        if keep is not None:
+            nll = jnp.where(keep, nll, 0.0)
+            counts = jnp.where(keep, counts, 0.0)
+        total = jnp.maximum(jnp.sum(counts), 1.0)
+        return jnp.broadcast_to(jnp.sum(nll) / total, lr_c.shape)
     raise ValueError(f"Unknown DPO loss_type {loss_type!r}. Accepted loss types: {list(LOSS_TYPES)}.")
 
 
@@ -517,7 +523,11 @@ def dpo_loss_terms_from_token_logps(
         pair_weights=pair_weights,
     )
     terms = dpo_loss_terms(inputs, **config)
-    return LossTerms(terms.numerator, terms.denominator, {**terms.metrics, **dpo_token_metrics(tokens)})
+    metric_tokens = tokens
+    if config.get("example_mask") is not None:  # padding pairs' tokens stay out of the token metrics too
+        keep = jnp.asarray(config["example_mask"], bool)[:, None]
+        metric_tokens = tokens._replace(chosen_mask=cm & keep, rejected_mask=rm & keep)
+    return LossTerms(terms.numerator, terms.denominator, {**terms.metrics, **dpo_token_metrics(metric_tokens)})
 
 
 def dpo_loss_from_token_logps(tokens: DPOTokenInputs, **kwargs) -> tuple[jax.Array, dict]:
