@@ -182,4 +182,5 @@ def test_dataset_mixture_from_yaml_dict():
     from trl_jax.data import load_dataset_mixture
 
     ds = load_dataset_mixture(run.dataset_args)
-    assert len(ds["train"]) == 1000  # half of the 2000-row builtin split
+    # TRL 1.16: fractions are shares of the final mixture; a lone dataset's share is 1 (all 2000 rows)
+    assert len(ds["train"]) == 2000
