@@ -238,3 +238,94 @@ class ValueHead(nn.Module):
             kernel_init=_p(_init, ("embed", "value")), bias_init=_p(nn.initializers.zeros, ("value",)),
             name="summary",
         )(h.astype(jnp.float32))[..., 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decode path (generation): the same layer math as ``DecoderLayer`` (its sub-modules applied to their params), with
+# the KV cache threaded through the layer loop as one ``[L, B, S, K, Hd]`` buffer per k/v that each layer updates in
+# place (``dynamic_update_slice`` at ``(layer, 0, index, 0, 0)``), so no step rewrites or stacks the whole cache.
+
+
+def init_decode_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """``k, v [L, B, S, K, Hd]`` (zeros), ``segment_ids [B, S]`` (0 = empty slot), ``index`` (next slot to write)."""
+    dtype = dtype or cfg.dtype
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+def _decode_layer(cfg: ModelConfig, p, x, cos, sin, mask, k_all, v_all, layer, index):
+    """One decoder layer on ``x [B, T, D]``: writes its T keys/values into ``k_all/v_all [L, B, S, K, Hd]`` at
+    ``(layer, :, index)`` and attends over that layer's ``S`` slots (``mask [B, 1, T, S]``)."""
+    c = cfg
+    N, K, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    a = p["self_attn"]
+
+    def dense(inp, features, axes, use_bias, params, axis=-1, bias_axes=None):
+        return _dense(features, axes, use_bias=use_bias, cfg=c, name=None, axis=axis,
+                      bias_axes=bias_axes).apply({"params": params}, inp)
+
+    h = RMSNorm(c.rms_norm_eps, c.param_dtype).apply({"params": p["input_layernorm"]}, x)
+    q = dense(h, (N, Hd), ("embed", "heads", "head_dim"), c.qkv_bias, a["q_proj"])
+    k = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["k_proj"])
+    v = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["v_proj"])
+    if c.qk_norm:
+        q = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim").apply({"params": a["q_norm"]}, q)
+        k = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim").apply({"params": a["k_norm"]}, k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    at = (layer, 0, index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+    _, B, S, _, _ = k_all.shape
+    kc = jax.lax.dynamic_slice(k_all, (layer, 0, 0, 0, 0), (1, B, S, K, Hd))[0].astype(q.dtype)
+    vc = jax.lax.dynamic_slice(v_all, (layer, 0, 0, 0, 0), (1, B, S, K, Hd))[0].astype(q.dtype)
+    out = attend(q, kc, vc, mask, scale=Hd**-0.5, impl=c.attention_impl)
+    x = x + dense(out, D, ("heads", "head_dim", "embed"), c.o_bias, a["o_proj"], axis=(-2, -1), bias_axes=("embed",))
+    h = RMSNorm(c.rms_norm_eps, c.param_dtype).apply({"params": p["post_attention_layernorm"]}, x)
+    x = x + MLP(c).apply({"params": p["mlp"]}, h)
+    return x, k_all, v_all
+
+
+def decode_forward(cfg: ModelConfig, params, cache: dict, input_ids, positions, q_segment_ids):
+    """Cached forward of ``T`` new tokens per row, written at slots ``[index, index + T)`` of ``cache``.
+
+    ``params``: the decoder's params (scanned or unrolled layers); ``cache`` from :func:`init_decode_cache`;
+    ``input_ids, positions, q_segment_ids [B, T]``. Attention covers the cache's ``S`` slots (causal by slot, same
+    segment, sliding windows), so its cost follows the cache length the caller allocated. Returns the final-norm
+    hidden states ``[B, T, D]`` and the cache with ``k/v`` updated in place and ``index + T``.
+    """
+    c = cfg
+    B, T = input_ids.shape
+    idx = cache["index"]
+    S = cache["segment_ids"].shape[1]
+    kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_segment_ids.astype(jnp.int32), (0, idx))
+    q_slots = idx + jnp.arange(T, dtype=jnp.int32)
+    kv_slots = jnp.arange(S, dtype=jnp.int32)
+    base_mask = build_mask(q_slots, kv_slots, q_segment_ids.astype(jnp.int32), kv_seg)
+    x = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype).apply(
+        {"params": params["embed_tokens"]}, input_ids).astype(c.dtype)
+    cos, sin = rope_cos_sin(c, positions, c.dtype)
+    windows = c.window_array() if c.has_sliding_window else None
+
+    def mask_for(w):
+        return base_mask if w is None else base_mask & window_mask(q_slots, kv_slots, w)
+
+    k_all, v_all = cache["k"], cache["v"]
+    if c.scan_layers:
+        ws = jnp.asarray(windows if windows is not None else (0,) * c.num_hidden_layers, jnp.int32)
+
+        def body(carry, xs):
+            x, k_all, v_all = carry
+            p, layer, w = xs
+            x, k_all, v_all = _decode_layer(c, p, x, cos, sin, mask_for(None if windows is None else w),
+                                            k_all, v_all, layer, idx)
+            return (x, k_all, v_all), None
+
+        (x, k_all, v_all), _ = jax.lax.scan(
+            body, (x, k_all, v_all), (params["layers"], jnp.arange(c.num_hidden_layers, dtype=jnp.int32), ws))
+    else:
+        for i in range(c.num_hidden_layers):
+            w = None if windows is None else windows[i]
+            x, k_all, v_all = _decode_layer(c, params[f"layers_{i}"], x, cos, sin, mask_for(w), k_all, v_all, i, idx)
+    h = RMSNorm(c.rms_norm_eps, c.param_dtype).apply({"params": params["norm"]}, x)
+    return h, {"k": k_all, "v": v_all, "segment_ids": kv_seg, "index": idx + T}
