@@ -9,8 +9,13 @@ truncated by hand), warns and falls back to the newest older step that loads.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import re
+import shutil
+import socket
+import sys
 import warnings
 
 import orbax.checkpoint as ocp
@@ -18,6 +23,10 @@ import orbax.checkpoint as ocp
 from trl_jax.train.state import abstract_like
 
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, ...). Checkpoints committed before it are intact."""
 
 
 class Checkpointer:
@@ -42,16 +51,49 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state, *, force: bool = False) -> bool:
-        """Start saving ``state`` as ``step``; returns whether a save was started (``save_interval_steps``)."""
-        return self._mngr.save(int(step), args=ocp.args.StandardSave(state), force=force)
+        """Start saving ``state`` as ``step``; returns whether a save was started (``save_interval_steps``).
+
+        Raises :class:`CheckpointSaveError` when this save cannot start or an earlier asynchronous save failed."""
+        self.check_for_errors()
+        try:
+            return self._mngr.save(int(step), args=ocp.args.StandardSave(state), force=force)
+        except Exception as e:  # noqa: BLE001 - any failure of the write is reported the same way
+            raise self._save_error(e, step) from e
+
+    def check_for_errors(self) -> None:
+        """Raise :class:`CheckpointSaveError` if an asynchronous save has failed since the last call (cheap)."""
+        try:
+            self._mngr.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(e) from e
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are committed."""
-        self._mngr.wait_until_finished()
+        """Block until pending asynchronous saves are committed (:class:`CheckpointSaveError` if one failed)."""
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(e) from e
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
+
+    def _save_error(self, exc: BaseException, step: int | None = None) -> CheckpointSaveError:
+        if isinstance(exc, CheckpointSaveError):
+            return exc
+        try:
+            kept = self.all_steps()
+        except Exception:  # noqa: BLE001 - the listing itself may fail on a broken filesystem
+            kept = "unknown"
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        what = f"step {step}" if step is not None else "a checkpoint"
+        return CheckpointSaveError(
+            f"saving {what} to {self.directory} failed ({type(exc).__name__}: {reason}). Checkpoints saved "
+            f"before it are intact (steps {kept}). Free disk space or fix the directory's permissions, then rerun "
+            "with resume_from_checkpoint=True (`--resume_from_checkpoint true`)."
+        )
 
     def __enter__(self):
         return self
@@ -120,4 +162,205 @@ def restore_or_init(checkpointer: Checkpointer, init_state):
         return 0, init_state
 
 
-__all__ = ["Checkpointer", "restore_or_init"]
+def committed_steps(directory) -> list[int]:
+    """Steps committed in a checkpoint directory (sub-directories named by a step number), without creating it."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+# ---------------------------------------------------------------------- one run per output_dir
+LOCK_NAME = "trl_jax.lock"
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another live run holds the ``output_dir`` lock."""
+
+
+class StaleLockWarning(UserWarning):
+    """A lock left behind by a run that no longer exists was taken over."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    try:  # a zombie (exited, not yet reaped) is not a run
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _describe(info: dict) -> str:
+    return (f"pid {info.get('pid')} on host {info.get('host')!r}, started {info.get('started')}"
+            + (f", command: {info['command']}" if info.get("command") else ""))
+
+
+class OutputDirLock:
+    """An exclusive lock file ``<output_dir>/trl_jax.lock`` recording pid, host, start time and command.
+
+    ``acquire`` creates it atomically (a complete file is hard-linked into place, so a reader never sees it half
+    written). A lock whose process no longer runs on this host (a crashed or killed run) is stale: it is taken over
+    with a :class:`StaleLockWarning`. Otherwise :class:`OutputDirInUseError` names the other run. ``release``
+    removes the file if this process holds it. Use as a context manager or call ``acquire`` / ``release``.
+    """
+
+    def __init__(self, output_dir):
+        self.output_dir = os.path.abspath(os.fspath(output_dir))
+        self.path = os.path.join(self.output_dir, LOCK_NAME)
+        self.held = False
+
+    def read(self) -> dict | None:
+        """The holder's record, ``{}`` for an unreadable file, ``None`` when there is no lock."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                info = json.load(f)
+            return info if isinstance(info, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def holder_alive(self, info: dict) -> bool | None:
+        """True / False when the holder runs on this host, ``None`` when it cannot be told (another host)."""
+        if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+            return None
+        return _pid_alive(info["pid"])
+
+    def check(self) -> None:
+        """Raise :class:`OutputDirInUseError` if a live (or unverifiable) run holds the lock; no side effects."""
+        info = self.read()
+        if info is None:
+            return
+        if not info:
+            raise OutputDirInUseError(
+                f"output_dir {self.output_dir} has an unreadable lock file {self.path}. If no other run uses this "
+                "output_dir, delete that file; otherwise choose another output_dir."
+            )
+        alive = self.holder_alive(info)
+        if alive is False:
+            return
+        where = "still running" if alive else "on another host, which cannot be checked from here"
+        raise OutputDirInUseError(
+            f"output_dir {self.output_dir} is in use by another run ({_describe(info)}; {where}). Two runs in one "
+            f"output_dir overwrite each other's checkpoints and logs: choose another output_dir, or wait for that "
+            f"run to finish. If it is gone, delete {self.path}."
+        )
+
+    def acquire(self) -> OutputDirLock:
+        os.makedirs(self.output_dir, exist_ok=True)
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:500],
+        }
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        try:
+            for _ in range(5):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return self
+                except FileExistsError:
+                    pass
+                except OSError:  # no hard links on this filesystem: exclusive create instead
+                    try:
+                        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    except FileExistsError:
+                        pass
+                    else:
+                        with os.fdopen(fd, "w", encoding="utf-8") as f:
+                            json.dump(record, f)
+                        self.held = True
+                        return self
+                info = self.read()
+                if info is None:
+                    continue  # released meanwhile: try again
+                self.check()  # raises unless the holder is dead
+                stale = f"{self.path}.stale-{os.getpid()}"
+                try:
+                    os.rename(self.path, stale)  # atomic: of two runs taking over, one wins
+                except FileNotFoundError:
+                    continue
+                os.remove(stale)
+                warnings.warn(
+                    f"taking over the lock of output_dir {self.output_dir} from a run that no longer exists "
+                    f"({_describe(info)}); it probably crashed or was killed.",
+                    StaleLockWarning,
+                    stacklevel=2,
+                )
+            raise OutputDirInUseError(f"could not take the lock {self.path}: other runs keep taking it.")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        info = self.read()
+        if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def check_output_dir(output_dir, *, resume_from_checkpoint=None, overwrite_output_dir: bool = False,
+                     delete: bool = False, check_lock: bool = True) -> None:
+    """The up-front check of a run's ``output_dir`` (before any model is loaded or step taken).
+
+    * another live run holds its lock: :class:`OutputDirInUseError` (``check_lock``; off for the lock's holder);
+    * it holds checkpoints and the run neither resumes nor overwrites: ``UsageError`` naming both fixes;
+    * ``overwrite_output_dir`` without resuming and ``delete=True``: the old ``checkpoints/``,
+      ``log_history.jsonl`` and ``runs/`` are deleted (call it with ``delete=True`` only while holding the lock).
+    """
+    from trl_jax.configs import UsageError
+
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    if check_lock:
+        OutputDirLock(output_dir).check()
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    steps = committed_steps(ckpt_dir)
+    resume = resume_from_checkpoint not in (None, False, "", "false", "False")
+    if resume and overwrite_output_dir:
+        raise UsageError("`resume_from_checkpoint` and `overwrite_output_dir` are both set: resume the earlier run "
+                         "or delete it, not both; unset one of them.")
+    if resume:
+        return
+    if steps and not overwrite_output_dir:
+        raise UsageError(
+            f"output_dir {output_dir} already holds checkpoints of an earlier run (steps {steps}). Pass "
+            "`--resume_from_checkpoint true` (resume_from_checkpoint=True) to continue it, or "
+            "`--overwrite_output_dir true` (overwrite_output_dir=True) to delete them and start over, or choose "
+            "another output_dir."
+        )
+    if overwrite_output_dir and delete:
+        removed = []
+        for name in ("checkpoints", "runs", "log_history.jsonl"):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+                removed.append(name + "/")
+            elif os.path.exists(path):
+                os.remove(path)
+                removed.append(name)
+        if removed:
+            print(f"[trl_jax] overwrite_output_dir: deleted {', '.join(removed)} in {output_dir}", file=sys.stderr)
+
+
+__all__ = ["Checkpointer", "CheckpointSaveError", "LOCK_NAME", "OutputDirInUseError", "OutputDirLock",
+           "StaleLockWarning", "check_output_dir", "committed_steps", "restore_or_init"]

@@ -16,6 +16,7 @@ import abc
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from trl_jax.losses.base import LossTerms
 from trl_jax.parallel import batch_parallel_size, make_mesh
 from trl_jax.parallel.sharding import shard_batch
 from trl_jax.train import Checkpointer, TrainState, make_eval_step, make_train_step, optimizer_from_args
+from trl_jax.train.checkpoint import CheckpointSaveError, OutputDirLock, check_output_dir
 from trl_jax.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from trl_jax.trainers.logging import MetricsLogger
 
@@ -76,6 +78,7 @@ def reject_unsupported(trainer: str, **kwargs) -> None:
 # jax.checkpoint_policies names -> the models' remat option names.
 _REMAT_ALIASES = {"nothing_saveable": "full", "everything_saveable": "none", None: "none"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_COUNTERS_FILE = re.compile(r"^trainer_state-(\d+)\.json$")
 
 
 @dataclass
@@ -323,11 +326,29 @@ class BaseTrainer(abc.ABC):
 
     # ------------------------------------------------------------------ loop
     def train(self, resume_from_checkpoint=None) -> TrainOutput:
-        """Run the loop; returns ``TrainOutput(global_step, training_loss, metrics)``."""
+        """Run the loop; returns ``TrainOutput(global_step, training_loss, metrics)``.
+
+        One run per ``output_dir``: the run holds ``<output_dir>/trl_jax.lock`` until it returns or raises (see
+        :class:`~trl_jax.train.checkpoint.OutputDirLock`). Before any step, an ``output_dir`` that already holds
+        checkpoints must be resumed (``resume_from_checkpoint``) or overwritten (``overwrite_output_dir``)."""
         args = self.args
         if self.train_dataset is None:
             raise ValueError("train() needs a train_dataset.")
         resume_from_checkpoint = resume_from_checkpoint or args.resume_from_checkpoint
+        lock = OutputDirLock(args.output_dir) if jax.process_index() == 0 else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            check_output_dir(args.output_dir, resume_from_checkpoint=resume_from_checkpoint,
+                             overwrite_output_dir=args.overwrite_output_dir, delete=lock is not None,
+                             check_lock=False)
+            return self._train(resume_from_checkpoint)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, resume_from_checkpoint) -> TrainOutput:
+        args = self.args
         total = self.num_training_steps()
         if self.state is None:
             self._build(total)
@@ -335,6 +356,7 @@ class BaseTrainer(abc.ABC):
         ckpt = self._checkpointer()
         start = self._resume(resume_from_checkpoint, ckpt)
         counters = self._load_counters(start) if start else {}
+        counters.setdefault("skipped_updates", 0)
         logger = MetricsLogger(args, total, start_step=start, log_history=self.log_history)
         spe = self.steps_per_epoch()
         ts = self.trainer_state
@@ -344,6 +366,8 @@ class BaseTrainer(abc.ABC):
         window, pending = [], None
         t_window, tokens_window = time.perf_counter(), 0.0
         running_loss, running_n = 0.0, 0
+        # Non-finite updates: every step's metrics are accounted once (``accounted`` = last step seen).
+        nonfinite = {"accounted": start, "consecutive": 0}
 
         def flush(done):
             nonlocal window, t_window, tokens_window, running_loss, running_n
@@ -360,56 +384,92 @@ class BaseTrainer(abc.ABC):
             window, tokens_window, t_window = [], 0.0, time.perf_counter()
 
         def save(done):
+            if done in ckpt.all_steps():
+                return
             ckpt.save(done, self.state, force=True)
-            self._save_counters(done, counters)
+            try:
+                self._save_counters(done, counters)
+            except OSError as e:
+                raise CheckpointSaveError(
+                    f"saving step {done}'s trainer state to {self._counters_path(done)} failed "
+                    f"({type(e).__name__}: {e}). Free disk space or fix the directory's permissions, then rerun "
+                    "with resume_from_checkpoint=True (`--resume_from_checkpoint true`)."
+                ) from e
+            self._prune_counters(ckpt, keep=done)
             self.callback_handler("on_save", args, ts, control)
+
+        def account(metrics, step_done):
+            """Count step ``step_done``'s update if it was skipped as non-finite; stop after too many in a row."""
+            if step_done <= nonfinite["accounted"]:
+                return
+            nonfinite["accounted"] = step_done
+            loss, grad_norm = float(metrics["loss"]), float(metrics.get("grad_norm", 0.0))
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                nonfinite["consecutive"] = 0
+                return
+            counters["skipped_updates"] += 1
+            nonfinite["consecutive"] += 1
+            limit = args.max_consecutive_nonfinite_updates
+            if limit and nonfinite["consecutive"] >= limit:
+                self._stop_nonfinite(loss, grad_norm, step_done, nonfinite["consecutive"], ckpt, save)
+            print(f"[trl_jax] step {step_done}: non-finite update skipped (loss {loss}, grad_norm {grad_norm}); "
+                  f"{counters['skipped_updates']} skipped so far", file=sys.stderr)
 
         if args.eval_on_start and self.eval_dataset is not None:
             logger.log(self.evaluate(), start)
         done = start
         try:
-            for step in range(start, total):
-                batch = self._batch_for_step(step)
-                stats = self._batch_stats(batch)
-                for k, v in stats.items():
-                    counters[k] = counters.get(k, 0.0) + v
-                tokens_window += stats.get("num_tokens", 0.0)
-                self.state, metrics = self._train_step(self.state, self._device_batch(batch))
-                # Check the previous step's loss while this one runs: one step in flight, no stall.
+            try:
+                for step in range(start, total):
+                    batch = self._batch_for_step(step)
+                    stats = self._batch_stats(batch)
+                    for k, v in stats.items():
+                        counters[k] = counters.get(k, 0.0) + v
+                    tokens_window += stats.get("num_tokens", 0.0)
+                    self.state, metrics = self._train_step(self.state, self._device_batch(batch))
+                    # Account the previous step's update while this one runs: one step in flight, no stall.
+                    if pending is not None:
+                        account(pending, done)
+                    ckpt.check_for_errors()  # an asynchronous save that failed stops the run here
+                    pending = metrics
+                    window.append(metrics)
+                    done = step + 1
+                    self._after_step(done)
+                    ts.global_step, ts.epoch = done, done / spe
+                    logger.progress(done)
+                    control = self.callback_handler("on_step_end", args, ts, control)
+                    if self._should(args.logging_strategy, args.logging_steps, done, spe, total) or \
+                            control.should_log or (args.logging_first_step and done == 1):
+                        account(metrics, done)
+                        flush(done)
+                        control.should_log = False
+                    if self.eval_dataset is not None and (control.should_evaluate or self._should(
+                            args.eval_strategy, args.eval_steps or args.logging_steps, done, spe, total)):
+                        metrics_eval = self.evaluate()
+                        logger.log(metrics_eval, done)
+                        self.callback_handler("on_evaluate", args, ts, control, metrics=metrics_eval)
+                        control.should_evaluate = False
+                    if control.should_save or (args.save_strategy != "no" and self._should(
+                            args.save_strategy, args.save_steps, done, spe, total)):
+                        save(done)
+                        control.should_save = False
+                    if done % spe == 0:
+                        control = self.callback_handler("on_epoch_end", args, ts, control)
+                    if control.should_training_stop:
+                        break
                 if pending is not None:
-                    self._check_finite(pending, done, ckpt, save)
-                pending = metrics
-                window.append(metrics)
-                done = step + 1
-                self._after_step(done)
-                ts.global_step, ts.epoch = done, done / spe
-                logger.progress(done)
-                control = self.callback_handler("on_step_end", args, ts, control)
-                if self._should(args.logging_strategy, args.logging_steps, done, spe, total) or control.should_log or (
-                        args.logging_first_step and done == 1):
-                    self._check_finite(metrics, done + 1, ckpt, save)
+                    account(pending, done)
+                if window:
                     flush(done)
-                    control.should_log = False
-                if self.eval_dataset is not None and (control.should_evaluate or self._should(
-                        args.eval_strategy, args.eval_steps or args.logging_steps, done, spe, total)):
-                    metrics_eval = self.evaluate()
-                    logger.log(metrics_eval, done)
-                    self.callback_handler("on_evaluate", args, ts, control, metrics=metrics_eval)
-                    control.should_evaluate = False
-                if control.should_save or (args.save_strategy != "no" and self._should(
-                        args.save_strategy, args.save_steps, done, spe, total)):
-                    save(done)
-                    control.should_save = False
-                if done % spe == 0:
-                    control = self.callback_handler("on_epoch_end", args, ts, control)
-                if control.should_training_stop:
-                    break
-            if pending is not None:
-                self._check_finite(pending, done + 1, ckpt, save)
-            if window:
-                flush(done)
+            except BaseException:
+                try:  # the error in flight is the one to report; a pending save's own failure would mask it
+                    ckpt.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            ckpt.close()  # raises CheckpointSaveError if the last asynchronous save failed
+            self._prune_counters(ckpt)
         finally:
-            ckpt.close()
             logger.close()
         train_loss = running_loss / max(running_n, 1)
         summary = {"train_loss": train_loss, "epoch": done / spe, "global_step": done}
@@ -420,20 +480,18 @@ class BaseTrainer(abc.ABC):
     def _after_step(self, done: int) -> None:
         """Hook run after each optimizer step (e.g. TR-DPO's reference sync)."""
 
-    def _check_finite(self, metrics, next_done: int, ckpt, save) -> None:
-        """Stop on a NaN/Inf loss of step ``next_done - 1``. The step skipped that update (non-finite updates are
-        never applied), so the state is the last good one: it is checkpointed before raising."""
-        loss = float(metrics["loss"])
-        if math.isfinite(loss):
-            return
-        bad = next_done - 1
+    def _stop_nonfinite(self, loss, grad_norm, step_done: int, consecutive: int, ckpt, save) -> None:
+        """Stop after ``consecutive`` non-finite updates ending at step ``step_done``. Each was skipped (non-finite
+        updates are never applied), so the state is the last good one: it is checkpointed before raising."""
         good = int(self.state.step)
         save(good)
         ckpt.wait()
         raise FloatingPointError(
-            f"loss is {loss} at step {bad}: the update was skipped and the last good state was saved as step {good} "
-            f"in {ckpt.directory}. Lower learning_rate, set max_grad_norm, check the data for rows without "
-            "completion tokens, or use compute_dtype='float32'; resume with resume_from_checkpoint."
+            f"loss is {loss} (grad_norm {grad_norm}) at step {step_done}, the {consecutive}th non-finite update in a "
+            f"row (max_consecutive_nonfinite_updates={self.args.max_consecutive_nonfinite_updates}): the updates "
+            f"were skipped and the last good state was saved as step {good} in {ckpt.directory}. Lower "
+            "learning_rate, set max_grad_norm, check the data for rows without completion tokens, or use "
+            "compute_dtype='float32'; resume with resume_from_checkpoint."
         )
 
     # ------------------------------------------------------------------ counters saved with checkpoints
@@ -446,6 +504,22 @@ class BaseTrainer(abc.ABC):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"global_step": step, "counters": counters, "log_history": self.log_history}, f)
         os.replace(tmp, path)
+
+    def _prune_counters(self, ckpt: Checkpointer, keep: int | None = None) -> None:
+        """Delete ``trainer_state-<step>.json`` files whose orbax checkpoint is gone (``save_total_limit``)."""
+        if jax.process_index() != 0:
+            return
+        steps = set(ckpt.all_steps()) | ({keep} if keep is not None else set())
+        directory = os.path.dirname(self._counters_path(0))
+        if not os.path.isdir(directory):
+            return
+        for name in os.listdir(directory):
+            m = _COUNTERS_FILE.match(name)
+            if m and int(m.group(1)) not in steps:
+                try:
+                    os.remove(os.path.join(directory, name))
+                except FileNotFoundError:
+                    pass
 
     def _load_counters(self, step: int) -> dict:
         path = self._counters_path(step)

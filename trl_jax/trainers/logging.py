@@ -1,5 +1,8 @@
 """Where training metrics go: a progress bar, stdout, ``log_history.jsonl``, TensorBoard event files and W&B.
 
+``log_history.jsonl`` holds one record per logged step of the run in ``output_dir``: a resumed run first cuts it
+back to the step it resumes from (``truncate_jsonl``), a fresh run starts it empty.
+
 ``report_to``: ``"tensorboard"``, ``"wandb"`` (when installed), ``"all"`` (both where available) or ``"none"``.
 
 TensorBoard files are written by a ~40-line writer (TFRecord framing of ``Event`` protos with scalar summaries),
@@ -181,6 +184,28 @@ def _wandb_available() -> bool:
     return importlib.util.find_spec("wandb") is not None
 
 
+def truncate_jsonl(path: str, step: int) -> int:
+    """Rewrite a ``log_history.jsonl`` to the records of steps ``<= step`` (the step a run resumes from; 0 for a
+    fresh run), so that a killed-and-resumed run logs every step once. Lines that do not parse (a write cut short
+    by a kill) are dropped. Atomic (written aside, then renamed). Returns the number of records kept."""
+    if not os.path.exists(path):
+        return 0
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) and rec["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return len(kept)
+
+
 class MetricsLogger:
     """Progress bar (loss, lr, tokens/s, ETA), one stdout line per log, JSONL history and TensorBoard scalars."""
 
@@ -188,6 +213,7 @@ class MetricsLogger:
         self.args = args
         self.history = log_history if log_history is not None else []
         self.jsonl_path = os.path.join(args.output_dir, "log_history.jsonl")
+        truncate_jsonl(self.jsonl_path, start_step)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         self._tb = None
         self._wandb = None
