@@ -346,9 +346,12 @@ def test_builtin_rewards_match_trl():
     ids = [[1] * n for n in (0, 3, 4, 5, 7, 8, 9, 12)]
     assert get_soft_overlong_punishment(8, 4)(completion_ids=ids) == trl_soft(8, 4)(completion_ids=ids)
     assert get_soft_overlong_punishment(8, 4).__name__ == trl_soft(8, 4).__name__
-    assert accuracy_reward(["7", " 7\n", "8", "<think>x</think>7"], answer=["7", "7", "7", "7"]) == [1.0, 1.0, 0.0, 1.0]
-    assert accuracy_reward([[{"content": "12"}]], solution=["12"]) == [1.0]
-    assert accuracy_reward(["1"], answer=[None]) == [None]
+    # accuracy_reward (math_verify when installed) is checked against trl.rewards in test_rewards.py
+    from trl_jax.rewards import exact_match_reward
+
+    assert exact_match_reward(["7", " 7\n", "8", "<think>x</think>7"], answer=["7"] * 4) == [1.0, 1.0, 0.0, 1.0]
+    assert exact_match_reward([[{"content": "12"}]], solution=["12"]) == [1.0]
+    assert exact_match_reward(["1"], answer=[None]) == [None]
     with pytest.raises(ValueError, match="answer"):
         accuracy_reward(["1"])
     funcs = resolve_reward_funcs(["accuracy_reward", "think_format_reward", "test_trainer_grpo.digit_reward",

@@ -5,10 +5,23 @@ returns one float (or ``None`` = "not applicable", NaN in the reward table) per 
 strings for standard prompts and ``[{"role": "assistant", "content": text}]`` for conversational prompts, exactly
 as TRL's ``GRPOTrainer`` passes them; the dataset's other columns arrive as keyword lists.
 
-* :func:`accuracy_reward` -- exact match against the ``answer`` (or ``solution``) column. TRL's name, but plain
-  string comparison (after stripping whitespace and any ``<think>...</think>`` block) instead of ``math_verify``.
+The ``trl.rewards`` functions, same names and results as TRL 1.16 on the same inputs:
+
+* :func:`accuracy_reward` -- with ``math_verify`` installed (``pip install math-verify``), TRL's LaTeX-aware check
+  (``\\boxed{\\frac{63}{400}}`` equals ``0.1575``; ``None`` where the gold answer does not parse). Without it,
+  the documented fallback :func:`exact_match_reward`.
+* :func:`reasoning_accuracy_reward` -- the same on the text after the reasoning delimiter (``</think>``); 0.0 when
+  the reasoning is not closed.
+* :func:`get_cosine_scaled_reward` -- correctness scaled by completion length on a cosine schedule.
 * :func:`think_format_reward` -- TRL's regex: 1.0 when the completion is ``<think>...</think>answer``.
 * :func:`get_soft_overlong_punishment` -- DAPO's soft length penalty on ``completion_ids`` (TRL's formula).
+* :func:`get_repetition_penalty_reward` -- penalty for repeated token n-grams.
+
+trl_jax's own, for plain-text answers such as the shipped digit/arithmetic tasks:
+
+* :func:`exact_match_reward` -- 1.0 when the completion (reasoning block stripped) equals the ``answer`` string.
+* :func:`digit_match_reward` -- graded: the fraction of answer characters the completion gets right, position by
+  position (``"1234"`` vs ``"1243"`` -> 0.5); gives online DPO / GRPO a signal before answers are exactly right.
 
 ``resolve_reward_funcs(["accuracy_reward", "my_pkg.rewards.fn"])`` maps the names a YAML ``reward_funcs:`` list
 holds (built-in names or dotted import paths, like TRL's ``GRPOScriptArguments``) to callables.
@@ -17,9 +30,13 @@ holds (built-in names or dotted import paths, like TRL's ``GRPOScriptArguments``
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
+import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 
 from trl_jax.data.decode import strip_reasoning
@@ -28,7 +45,13 @@ __all__ = [
     "REWARD_FUNCS",
     "accuracy_reward",
     "completion_text",
+    "digit_match_reward",
+    "exact_match_reward",
+    "get_cosine_scaled_reward",
+    "get_repetition_penalty_reward",
     "get_soft_overlong_punishment",
+    "is_math_verify_available",
+    "reasoning_accuracy_reward",
     "resolve_reward_funcs",
     "think_format_reward",
 ]
@@ -47,19 +70,29 @@ def completion_text(completion) -> str:
     )
 
 
-def accuracy_reward(completions, answer=None, solution=None, **kwargs) -> list[float | None]:
+def is_math_verify_available() -> bool:
+    """Whether the ``math_verify`` package (``pip install math-verify``) can be imported."""
+    return importlib.util.find_spec("math_verify") is not None
+
+
+def _gold_column(answer, solution, kwargs, func_name):
+    gold = solution if answer is None else answer
+    if gold is None:
+        raise ValueError(
+            f"{func_name} needs an `answer` or `solution` column in the dataset (the reference answer of each "
+            f"prompt); got columns {sorted(kwargs)}."
+        )
+    return gold
+
+
+def exact_match_reward(completions, answer=None, solution=None, **kwargs) -> list[float | None]:
     """1.0 when the completion equals the reference answer, else 0.0; ``None`` where there is no reference.
 
     The reference comes from the dataset's ``answer`` column, else ``solution`` (TRL's column name). Both sides are
-    compared as strings after ``strip()``; a ``<think>...</think>`` block before the answer is ignored. No math
-    normalisation (TRL's version uses ``math_verify``; this one is exact match).
+    compared as strings after ``strip()``; a ``<think>...</think>`` block before the answer is ignored. For plain
+    answers ("42", "0123") where TRL's ``math_verify`` check needs LaTeX (it scores a bare ``42`` as 0.0).
     """
-    gold = answer if answer is not None else solution
-    if gold is None:
-        raise ValueError(
-            "accuracy_reward needs an `answer` or `solution` column in the dataset (the reference answer of each "
-            f"prompt); got columns {sorted(kwargs)}."
-        )
+    gold = _gold_column(answer, solution, kwargs, "exact_match_reward")
     out: list[float | None] = []
     for completion, ref in zip(completions, gold, strict=True):
         if ref is None:
@@ -67,6 +100,209 @@ def accuracy_reward(completions, answer=None, solution=None, **kwargs) -> list[f
             continue
         text = strip_reasoning(completion_text(completion)).strip()
         out.append(1.0 if text == str(ref).strip() else 0.0)
+    return out
+
+
+def _math_verify_timeouts():
+    """TRL's: math_verify times out with ``signal.alarm``, which works only in the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        return 10, 5
+    logging.getLogger("math_verify.parser").setLevel(logging.ERROR)
+    logging.getLogger("math_verify.grader").setLevel(logging.ERROR)
+    return None, None
+
+
+def _math_verify_scores(contents, gold, log_extra=None) -> list[float | None]:
+    """TRL 1.16's ``accuracy_reward`` loop: gold parsed freely, the answer as LaTeX (boxed first), ``verify``."""
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    parsing_timeout, verify_timeout = _math_verify_timeouts()
+    rewards: list[float | None] = []
+    gold_strs, answer_strs = [], []
+    for content, sol in zip(contents, gold, strict=True):
+        if content is None:  # reasoning not closed: TRL's reasoning_accuracy_reward gives 0.0
+            rewards.append(0.0)
+            gold_strs.append("[incomplete reasoning]")
+            answer_strs.append("[incomplete reasoning]")
+            continue
+        gold_parsed = [] if sol is None else parse(str(sol), parsing_timeout=parsing_timeout)
+        if len(gold_parsed) != 0:
+            answer_parsed = parse(
+                content,
+                extraction_config=[
+                    LatexExtractionConfig(
+                        normalization_config=NormalizationConfig(units=True),
+                        boxed_match_priority=0,
+                        try_extract_without_anchor=False,
+                    )
+                ],
+                extraction_mode="first_match",
+                parsing_timeout=parsing_timeout,
+            )
+            rewards.append(float(verify(gold_parsed, answer_parsed, timeout_seconds=verify_timeout)))
+            gold_strs.append(str(gold_parsed))
+            answer_strs.append(str(answer_parsed) if answer_parsed else "[unparseable]")
+        else:
+            rewards.append(None)
+            gold_strs.append("[unparseable]")
+            answer_strs.append("[skipped]")
+    if log_extra is not None:
+        log_extra("solution", list(gold))
+        log_extra("gold_parsed", gold_strs)
+        log_extra("answer_parsed", answer_strs)
+    return rewards
+
+
+def accuracy_reward(completions, answer=None, solution=None, log_extra=None, **kwargs) -> list[float | None]:
+    r"""TRL's ``accuracy_reward``: 1.0 when the completion's answer is mathematically equal to the reference.
+
+    With ``math_verify`` installed this is TRL 1.16's rule exactly: the reference is parsed by ``math_verify``
+    (``None`` -- skip the example -- when it does not parse), the completion as LaTeX with ``\boxed{}`` tried first
+    (a bare ``42`` outside ``$...$`` / ``\boxed{}`` does not count), and the two compared with ``verify``
+    (``\boxed{\frac{63}{400}}`` equals ``0.1575``). ``log_extra`` (TRL's trainer hook) receives the solution and
+    both parses. Without ``math_verify`` it falls back to :func:`exact_match_reward` (string equality after
+    stripping whitespace and any ``<think>`` block).
+
+    The reference comes from the ``answer`` column, else ``solution`` (TRL's name). Completions may be strings or
+    TRL's ``[{"role": "assistant", "content": ...}]``.
+    """
+    gold = _gold_column(answer, solution, kwargs, "accuracy_reward")
+    if not is_math_verify_available():
+        return exact_match_reward(completions, answer=gold)
+    return _math_verify_scores([completion_text(c) for c in completions], list(gold), log_extra)
+
+
+def reasoning_accuracy_reward(completions, answer=None, solution=None, reasoning_delimiters=None, log_extra=None,
+                              **kwargs) -> list[float | None]:
+    """TRL's ``reasoning_accuracy_reward``: :func:`accuracy_reward` on the text after the reasoning.
+
+    The answer is what follows the last occurrence of the first delimiter of ``reasoning_delimiters`` (default
+    ``["</think>"]``) found in the completion; a completion without any delimiter gets 0.0 (incomplete reasoning
+    is penalised, not skipped). Without ``math_verify``, the answer part is compared by exact match.
+    """
+    gold = _gold_column(answer, solution, kwargs, "reasoning_accuracy_reward")
+    if reasoning_delimiters is None:
+        reasoning_delimiters = ["</think>"]
+    contents: list[str | None] = []
+    for completion in completions:
+        content = completion_text(completion)
+        for delim in reasoning_delimiters:
+            if delim in content:
+                contents.append(content.split(delim)[-1])
+                break
+        else:
+            contents.append(None)
+    if is_math_verify_available():
+        return _math_verify_scores(contents, list(gold), log_extra)
+    out: list[float | None] = []
+    for content, ref in zip(contents, gold, strict=True):
+        if content is None:
+            out.append(0.0)
+        elif ref is None:
+            out.append(None)
+        else:
+            out.append(1.0 if content.strip() == str(ref).strip() else 0.0)
+    return out
+
+
+class _CosineScaledReward:
+    """Callable class (picklable); ``__name__`` is TRL's."""
+
+    __name__ = "cosine_scaled_reward"
+
+    def __init__(self, max_len, min_value_wrong, max_value_wrong, min_value_correct, max_value_correct):
+        if max_len <= 0:
+            raise ValueError(f"get_cosine_scaled_reward: max_len must be positive (tokens), got {max_len}.")
+        self.max_len = max_len
+        self.min_value_wrong = min_value_wrong
+        self.max_value_wrong = max_value_wrong
+        self.min_value_correct = min_value_correct
+        self.max_value_correct = max_value_correct
+
+    def __call__(self, completions, answer=None, solution=None, completion_ids=None, **kwargs):
+        if completion_ids is None:
+            raise ValueError("cosine_scaled_reward needs `completion_ids` (the trainers pass them; pass the token ids "
+                             "of each completion when calling it directly).")
+        is_correct = accuracy_reward(completions, answer=answer, solution=solution, **kwargs)
+        rewards: list[float | None] = []
+        for correct, ids in zip(is_correct, completion_ids, strict=True):
+            if correct is None:
+                rewards.append(None)
+                continue
+            cosine = math.cos(min(len(ids) / self.max_len, 1.0) * math.pi)
+            if correct:
+                lo, hi = self.min_value_correct, self.max_value_correct
+            else:
+                lo, hi = self.max_value_wrong, self.min_value_wrong
+            rewards.append(float(lo + 0.5 * (hi - lo) * (1.0 + cosine)))
+        return rewards
+
+
+def get_cosine_scaled_reward(max_len: int, min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
+                             min_value_correct: float = 0.5, max_value_correct: float = 1.0) -> Callable:
+    """TRL's cosine length-scaled correctness reward ("Demystifying Long Chain-of-Thought Reasoning", App. C.1).
+
+    Correctness is :func:`accuracy_reward`'s; with ``p = min(len(completion_ids) / max_len, 1)``, a correct
+    completion gets ``lo + (hi - lo)(1 + cos(pi p)) / 2`` with ``(lo, hi) = (min_value_correct,
+    max_value_correct)`` (shorter is better), a wrong one the same with ``(lo, hi) = (max_value_wrong,
+    min_value_wrong)`` (shorter is penalised more); ``None`` where the reference does not parse.
+    """
+    return _CosineScaledReward(max_len, min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
+
+
+class _RepetitionPenalty:
+    """Callable class (picklable); ``__name__`` is TRL's."""
+
+    __name__ = "repetition_penalty_reward"
+
+    def __init__(self, ngram_size: int, max_penalty: float):
+        if ngram_size < 1:
+            raise ValueError(f"get_repetition_penalty_reward: ngram_size must be >= 1, got {ngram_size}.")
+        self.ngram_size = int(ngram_size)
+        self.max_penalty = max_penalty
+
+    def __call__(self, completion_ids, **kwargs) -> list[float]:
+        rewards = []
+        for ids in completion_ids:
+            ids = list(ids)
+            if len(ids) < self.ngram_size:
+                rewards.append(0.0)
+                continue
+            ngrams = list(zip(*[ids[i:] for i in range(self.ngram_size)], strict=False))
+            scaling = 1 - len(set(ngrams)) / len(ngrams)
+            rewards.append(scaling * self.max_penalty if scaling else 0.0)
+        return rewards
+
+
+def get_repetition_penalty_reward(ngram_size: int = 3, max_penalty: float = -1.0) -> Callable:
+    """TRL's repeated-n-gram penalty on ``completion_ids``: ``(1 - #unique / #total n-grams) * max_penalty``.
+
+    0.0 for completions shorter than ``ngram_size`` tokens or without repeats; ``max_penalty`` must be <= 0.
+    """
+    if max_penalty > 0:
+        raise ValueError(f"max_penalty {max_penalty} should not be positive")
+    return _RepetitionPenalty(ngram_size, max_penalty)
+
+
+def digit_match_reward(completions, answer=None, solution=None, **kwargs) -> list[float | None]:
+    """Graded correctness for plain-text answers: the fraction of positions where completion and answer agree.
+
+    ``score = #{i : c[i] == a[i]} / max(len(c), len(a))`` on the stripped texts (reasoning block removed), so an
+    exact answer scores 1.0, ``"1243"`` for ``"1234"`` 0.5, a right answer with extra characters less than 1, an
+    empty completion 0.0; ``None`` where there is no reference. Meant for the shipped digit/arithmetic tasks
+    (``builtin:arithmetic_prompts``), where an exact-match reward gives most pairs of samples a tie.
+    """
+    gold = _gold_column(answer, solution, kwargs, "digit_match_reward")
+    out: list[float | None] = []
+    for completion, ref in zip(completions, gold, strict=True):
+        if ref is None:
+            out.append(None)
+            continue
+        text = strip_reasoning(completion_text(completion)).strip()
+        ref = str(ref).strip()
+        width = max(len(text), len(ref))
+        out.append(sum(a == b for a, b in zip(text, ref)) / width if width else 1.0)
     return out
 
 
@@ -84,9 +320,10 @@ class _SoftOverlongPunishment:
     __name__ = "soft_overlong_punishment_reward"
 
     def __init__(self, max_completion_len: int, soft_punish_cache: int):
-        if soft_punish_cache <= 0 or max_completion_len <= soft_punish_cache:
+        if soft_punish_cache < 0 or max_completion_len < soft_punish_cache:
             raise ValueError(
-                f"need 0 < soft_punish_cache ({soft_punish_cache}) < max_completion_len ({max_completion_len})."
+                f"get_soft_overlong_punishment needs 0 <= soft_punish_cache ({soft_punish_cache}) <= "
+                f"max_completion_len ({max_completion_len})."
             )
         self.max_completion_len = int(max_completion_len)
         self.soft_punish_cache = int(soft_punish_cache)
@@ -98,7 +335,7 @@ class _SoftOverlongPunishment:
             n = len(ids)
             if n <= lmax - cache:
                 out.append(0.0)
-            elif n <= lmax:
+            elif n <= lmax:  # never reached with cache == 0
                 out.append((lmax - cache - n) / cache)
             else:
                 out.append(-1.0)
@@ -116,9 +353,12 @@ def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int
 
 REWARD_FUNCS: dict[str, Callable] = {
     "accuracy_reward": accuracy_reward,
+    "reasoning_accuracy_reward": reasoning_accuracy_reward,
     "think_format_reward": think_format_reward,
     # TRL's CLI registry entry uses these values.
     "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
+    "exact_match_reward": exact_match_reward,
+    "digit_match_reward": digit_match_reward,
 }
 """Built-in names accepted in a YAML ``reward_funcs:`` list (TRL's ``reward_funcs_registry`` names)."""
 
