@@ -83,6 +83,10 @@ class Checkpointer:
     def _save_error(self, exc: BaseException, step: int | None = None) -> CheckpointSaveError:
         if isinstance(exc, CheckpointSaveError):
             return exc
+        try:  # let earlier saves still in flight commit, so that they are kept and listed
+            self._mngr.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the failed save itself
+            pass
         try:
             kept = self.all_steps()
         except Exception:  # noqa: BLE001 - the listing itself may fail on a broken filesystem
@@ -102,9 +106,11 @@ class Checkpointer:
         self.close()
 
     # ------------------------------------------------------------------ query
-    def all_steps(self) -> list[int]:
-        """Committed steps, ascending."""
-        self._mngr.reload()
+    def all_steps(self, reload: bool = True) -> list[int]:
+        """Committed steps, ascending. ``reload=False``: the manager's own list (no directory scan; includes a save
+        in flight). Do not reload while a save is in flight: orbax would lose track of the steps to prune."""
+        if reload:
+            self._mngr.reload()
         return sorted(self._mngr.all_steps())
 
     def latest_step(self) -> int | None:

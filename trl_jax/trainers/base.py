@@ -384,7 +384,7 @@ class BaseTrainer(abc.ABC):
             window, tokens_window, t_window = [], 0.0, time.perf_counter()
 
         def save(done):
-            if done in ckpt.all_steps():
+            if done in ckpt.all_steps(reload=False):
                 return
             ckpt.save(done, self.state, force=True)
             try:
@@ -467,8 +467,9 @@ class BaseTrainer(abc.ABC):
                 except Exception:  # noqa: BLE001
                     pass
                 raise
-            ckpt.close()  # raises CheckpointSaveError if the last asynchronous save failed
+            ckpt.wait()  # raises CheckpointSaveError if the last asynchronous save failed
             self._prune_counters(ckpt)
+            ckpt.close()
         finally:
             logger.close()
         train_loss = running_loss / max(running_n, 1)
@@ -509,7 +510,7 @@ class BaseTrainer(abc.ABC):
         """Delete ``trainer_state-<step>.json`` files whose orbax checkpoint is gone (``save_total_limit``)."""
         if jax.process_index() != 0:
             return
-        steps = set(ckpt.all_steps()) | ({keep} if keep is not None else set())
+        steps = set(ckpt.all_steps(reload=keep is None)) | ({keep} if keep is not None else set())
         directory = os.path.dirname(self._counters_path(0))
         if not os.path.isdir(directory):
             return
