@@ -110,5 +110,81 @@ def builtin_model_dir(model_id: str, seed: int = 0) -> str:
 
 
 def resolve_model_path(model_id):
-    """``builtin:<name>`` -> its materialised directory; anything else unchanged."""
-    return builtin_model_dir(model_id) if is_builtin(model_id) else model_id
+    """``builtin:<name>`` -> its materialised directory; anything else is checked (:func:`check_model_path`) and
+    returned unchanged."""
+    if is_builtin(model_id):
+        return builtin_model_dir(model_id)
+    check_model_path(model_id)
+    return model_id
+
+
+def _model_path_error_class():
+    from trl_jax.configs import UsageError
+
+    class ModelPathError(UsageError):
+        """A model path / hub id that names no loadable model."""
+
+    return ModelPathError
+
+
+ModelPathError = _model_path_error_class()
+
+
+def _expected() -> str:
+    return ("expected a local Hugging Face model directory (config.json + *.safetensors, e.g. the output_dir of an "
+            "earlier trl-jax run), a Hugging Face Hub id such as 'Qwen/Qwen3-0.6B', or a built-in model ("
+            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS) + ")")
+
+
+def check_model_path(model_id, what: str = "model_name_or_path") -> None:
+    """Refuse, with a :class:`ModelPathError` that names the path and what was expected, a model id that is an
+    existing file or a directory without ``config.json``, that looks like a filesystem path but does not exist, or
+    that is not a valid hub id. A valid hub id is left to the hub download (:func:`model_path_error`)."""
+    if is_builtin(model_id):
+        return
+    text = os.fspath(model_id)
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelPathError(f"{what} {text!r} is a directory without config.json; {_expected()}.")
+        return
+    if os.path.exists(path):
+        raise ModelPathError(f"{what} {text!r} is a file, not a model directory; {_expected()}.")
+    looks_like_path = (text.startswith(("/", ".", "~")) or text.endswith(("/", os.sep)) or text.count("/") > 1
+                       or (os.sep != "/" and os.sep in text))
+    if looks_like_path:
+        raise ModelPathError(f"{what} {text!r} does not exist (no such directory, relative to {os.getcwd()}); "
+                             f"{_expected()}.")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError as e:
+        raise ModelPathError(f"{what} {text!r} is neither an existing local directory nor a valid hub id "
+                             f"({str(e).splitlines()[0]}); {_expected()}.") from None
+
+
+def model_path_error(model_id: str, exc: BaseException, what: str = "model_name_or_path") -> Exception:
+    """The error for a hub id whose download failed (not cached offline, unknown, gated, unreachable)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, LocalEntryNotFoundError) or constants.HF_HUB_OFFLINE:
+        why = ("it is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1; unset it to "
+               "download)")
+    elif isinstance(exc, GatedRepoError):
+        why = "the hub repository is gated: accept its terms on the hub and log in (`hf auth login`)"
+    elif isinstance(exc, RevisionNotFoundError):
+        why = "the hub repository has no such revision"
+    elif isinstance(exc, RepositoryNotFoundError):
+        why = "the hub has no such repository (or it is private: log in with `hf auth login`)"
+    else:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        why = f"the hub could not be reached ({type(exc).__name__}: {first})"
+    return ModelPathError(f"{what} {model_id!r}: no local directory of that name (relative to {os.getcwd()}), and "
+                          f"{why}; {_expected()}.")

@@ -13,6 +13,12 @@ YAML keys are the fields of the trainer config (``SFTConfig`` ...), TRL's ``Mode
 them; ``--field value`` flags override the file. A TRL YAML config runs unchanged: torch-only fields are accepted
 with one warning line. Multi-host (TPU pod): run the same command on every host with ``--distributed`` (or
 ``TRL_JAX_DISTRIBUTED=1``); ``jax.distributed.initialize()`` discovers the topology.
+
+Errors: one line ``trl-jax: error: <message>`` on stderr; exit status 2 for a config or usage error (an unknown
+key, a value the config refuses, a model path that names no model, an output_dir holding checkpoints without
+``--resume_from_checkpoint true`` / ``--overwrite_output_dir true``) and 1 for an error while running. ``--debug``
+(or ``TRL_JAX_DEBUG=1``) also prints the traceback. (``--debug`` is this flag, not transformers' torch-only
+``debug`` field, which trl_jax ignores.)
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
+
+from trl_jax.configs import UsageError
 
 TRAINERS = ("sft", "dpo", "kto", "grpo", "online-dpo")
 
@@ -30,7 +39,7 @@ def _parse_overrides(extra: list[str]) -> dict:
     while i < len(extra):
         tok = extra[i]
         if not tok.startswith("--"):
-            raise SystemExit(f"trl-jax: unexpected argument {tok!r}; overrides are --field value pairs.")
+            raise UsageError(f"unexpected argument {tok!r}; overrides are --field value pairs (e.g. --max_steps 10).")
         key = tok[2:]
         if "=" in key:
             key, value = key.split("=", 1)
@@ -57,7 +66,7 @@ def _datasets(run, split_names):
             return split["train"], split["test"]
         return train, None
     if not script.dataset_name:
-        raise SystemExit("trl-jax: set `dataset_name` (hub name, local json/jsonl/parquet file or builtin:NAME) or "
+        raise UsageError("set `dataset_name` (hub name, local json/jsonl/parquet file or builtin:NAME) or "
                          "`datasets:` in the config.")
     kw = dict(name=script.dataset_config, streaming=script.dataset_streaming)
     train = load_dataset_any(script.dataset_name, split=script.dataset_train_split, **kw)
@@ -67,17 +76,21 @@ def _datasets(run, split_names):
             eval_ds = load_dataset_any(script.dataset_name, split=script.dataset_test_split, **kw)
         except ValueError as e:
             if run.args.eval_strategy != "no":
-                raise SystemExit(f"trl-jax: eval_strategy={run.args.eval_strategy!r} but no eval split: {e}")
+                raise UsageError(f"eval_strategy={run.args.eval_strategy!r} but no eval split: {e} Set "
+                                 "`dataset_test_split` to an existing split, or eval_strategy='no'.") from e
     return train, eval_ds
 
 
 def _model_id(run) -> str:
     name = run.model_args.model_name_or_path
     if not name:
-        raise SystemExit("trl-jax: set `model_name_or_path` (a local HF directory, a hub id or builtin:tiny-qwen3).")
+        raise UsageError("set `model_name_or_path` (a local HF directory, a hub id or builtin:tiny-qwen3).")
     if not name.startswith("builtin:") and os.path.sep in name and not os.path.exists(name):
-        raise SystemExit(f"trl-jax: model_name_or_path {name!r} does not exist. If it is the output of another "
+        raise UsageError(f"model_name_or_path {name!r} does not exist. If it is the output of another "
                          "quickstart (e.g. the SFT one), run that first.")
+    from trl_jax.assets import check_model_path
+
+    check_model_path(name)
     return name
 
 
@@ -89,10 +102,28 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig,
            "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig}[command]
     script_cls = configs.GRPOScriptArguments if command in ("grpo", "online-dpo") else None
-    run = configs.load_config(config if config else {}, cls, overrides, script_cls=script_cls)
+    if config and not os.path.isfile(config):
+        raise UsageError(f"--config {config!r}: no such file.")
+    try:
+        run = configs.load_config(config if config else {}, cls, overrides, script_cls=script_cls)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as e:  # unknown keys, refused values: config errors
+        raise UsageError(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - e.g. YAML syntax
+        if type(e).__module__.startswith("yaml"):
+            raise UsageError(f"--config {config!r} is not valid YAML: {e}") from e
+        raise
     args = run.args
     if args.output_dir is None:
         args.output_dir = os.path.join("outputs", command)
+    import jax
+
+    from trl_jax.train.checkpoint import check_output_dir
+
+    # Before any model or dataset is loaded: another run in output_dir, or checkpoints without resume/overwrite.
+    check_output_dir(args.output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
+                     overwrite_output_dir=args.overwrite_output_dir, check_lock=jax.process_index() == 0)
     if run.model_args.dtype not in (None, "auto", "float32") and args.param_dtype == "float32":
         # TRL's `dtype` is the dtype the model is loaded in: the parameters.
         args.param_dtype = run.model_args.dtype
@@ -106,7 +137,7 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         if reward_model:
             funcs.insert(0, reward_model)
         if not funcs:
-            raise SystemExit(f"trl-jax {command}: set `reward_funcs` (built-in names such as accuracy_reward, or "
+            raise UsageError(f"{command}: set `reward_funcs` (built-in names such as accuracy_reward, or "
                              "dotted import paths) and/or `reward_model_name_or_path` in the config.")
         trainer_cls = T.GRPOTrainer if command == "grpo" else T.OnlineDPOTrainer
         trainer = trainer_cls(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds)
@@ -153,12 +184,45 @@ def print_env() -> None:
     print("\n".join(lines))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (no usage block), exit status 2 like argparse
+        print(f"trl-jax: error: {message} (see `trl-jax --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (ValueError, TypeError)) or type(exc).__module__.startswith("trl_jax"):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trl-jax", description="TRL's trainers in JAX.")
+    """The ``trl-jax`` entry point: returns the exit status (0, 1 runtime error, 2 config/usage error)."""
+    parser = _Parser(prog="trl-jax", description="TRL's trainers in JAX.")
     parser.add_argument("command", choices=TRAINERS + ("env",))
     parser.add_argument("--config", help="YAML run config (TRL format)")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     ns, extra = parser.parse_known_args(argv)
+    debug = ns.debug or os.environ.get("TRL_JAX_DEBUG") == "1"
+    try:
+        return _run(ns, extra)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("trl-jax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line (and a traceback with --debug)
+        if debug:
+            traceback.print_exc()
+        usage = isinstance(e, UsageError)
+        hint = "" if debug or usage else " (rerun with --debug for the traceback)"
+        print(f"trl-jax: error: {_one_line(e)}{hint}", file=sys.stderr, flush=True)
+        return 2 if usage else 1
+
+
+def _run(ns, extra) -> int:
     if ns.command == "env":
         print_env()
         return 0

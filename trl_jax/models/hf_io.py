@@ -170,17 +170,26 @@ class _Checkpoint:
 
 
 def resolve_checkpoint_dir(path_or_hub_id: str, revision: str | None = None, token=None) -> str:
-    """A local directory as is; otherwise ``huggingface_hub.snapshot_download`` (config, safetensors, tokenizer)."""
-    if os.path.isdir(path_or_hub_id):
-        return path_or_hub_id
+    """A local directory as is; otherwise ``huggingface_hub.snapshot_download`` (config, safetensors, tokenizer).
+
+    A path or id that names no model raises ``trl_jax.assets.ModelPathError`` (a ``ValueError``) naming it and what
+    was expected, instead of the hub's traceback."""
+    from trl_jax.assets import check_model_path, model_path_error
+
+    check_model_path(path_or_hub_id)  # a path that does not exist, a directory without config.json, a bad id
+    if os.path.isdir(os.path.expanduser(path_or_hub_id)):
+        return os.path.expanduser(path_or_hub_id)
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(
-        path_or_hub_id,
-        revision=revision,
-        token=token,
-        allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
-    )
+    try:
+        return snapshot_download(
+            path_or_hub_id,
+            revision=revision,
+            token=token,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
+        )
+    except Exception as e:  # noqa: BLE001 - not cached offline, unknown, gated, network: one clear message
+        raise model_path_error(path_or_hub_id, e) from e
 
 
 def from_pretrained(
