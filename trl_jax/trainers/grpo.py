@@ -290,11 +290,26 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
                 out[:, i] = self._reward_model_scores(i, prompts, completions)
             else:
                 out[:, i] = self._call_reward_func(i, func, prompts, completions, completion_ids, kwargs)
-        if np.isnan(out).all(axis=1).any():
-            r = int(np.nonzero(np.isnan(out).all(axis=1))[0][0])
-            print(f"[trl_jax] warning: all reward functions returned None for prompt {prompts[r]!r} / completion "
-                  f"{completions[r]!r}; make sure at least one reward function returns a valid reward.",
-                  file=sys.stderr)
+            infinite = np.isinf(out[:, i])
+            if infinite.any():  # TRL would turn it into a NaN advantage, then a silent 0; refuse instead
+                r = int(np.nonzero(infinite)[0][0])
+                raise ValueError(
+                    f"Reward function {self.reward_func_names[i]!r} returned {out[r, i]} for completion {r}: "
+                    f"{completions[r]!r} (prompt: {prompts[r]!r}); {int(infinite.sum())} of {len(prompts)} rewards "
+                    "are infinite. Rewards must be finite: clip the value, or return None (NaN) for a completion "
+                    "the function cannot score."
+                )
+        # TRL 1.16: None and NaN are the same ("not applicable"): nansum across functions; a completion that no
+        # function scores is left out of the baselines with advantage 0 (grpo_advantages), with TRL's warning.
+        unscorable = np.isnan(out).all(axis=1)
+        if unscorable.any():
+            r = int(np.nonzero(unscorable)[0][0])
+            row_kwargs = {k: v[r] for k, v in kwargs.items()
+                          if k not in ("trainer_state", "log_extra", "log_metric")}
+            row_kwargs["prompt"] = prompts[r]
+            row_kwargs["completion"] = completions[r]
+            print(f"[trl_jax] warning: All reward functions returned None for the following kwargs:\n{row_kwargs}\n"
+                  "Please ensure that at least one reward function returns a valid reward.", file=sys.stderr)
         return out
 
     def _log_metric(self, name, value):
