@@ -132,3 +132,42 @@ def test_save_tokenizer_and_generation_config(tmp_path):
         assert json.load(fh)["model"]["vocab"] == vocab
     assert transformers.GenerationConfig.from_pretrained(out).max_new_tokens == 7
     assert transformers.AutoConfig.from_pretrained(out).architectures == ["Qwen2ForCausalLM"]
+
+
+def test_safetensors_reader_and_writer_round_trip_every_dtype(tmp_path):
+    """save_file/SafetensorsFile (the safetensors package) round-trip every dtype a checkpoint holds, bf16 and fp8
+    included, and read what safetensors.numpy / transformers wrote."""
+    from trl_jax.models.safetensors_io import SafetensorsFile as Reader
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 4))
+    tensors = {
+        "f64": x, "f32": x.astype(np.float32), "f16": x.astype(np.float16), "bf16": x.astype(ml_dtypes.bfloat16),
+        "e4m3": x.astype(ml_dtypes.float8_e4m3fn), "e5m2": x.astype(ml_dtypes.float8_e5m2),
+        "i64": np.arange(5, dtype=np.int64), "i32": np.arange(5, dtype=np.int32), "i8": np.arange(5, dtype=np.int8),
+        "u8": np.arange(5, dtype=np.uint8), "bool": x > 0, "scalar": np.float32(2.5).reshape(()),
+        "empty": np.zeros((0, 3), np.float32), "transposed": x.astype(np.float32).T,  # non-contiguous input
+    }
+    path = str(tmp_path / "all.safetensors")
+    save_file(tensors, path, metadata={"format": "pt", "note": "x"})
+    f = Reader(path)
+    assert sorted(f.keys()) == sorted(tensors) and "f32" in f and "nope" not in f
+    assert f.metadata == {"format": "pt", "note": "x"}
+    for k, v in tensors.items():
+        got = f[k]
+        assert got.dtype == v.dtype and got.shape == v.shape, k
+        np.testing.assert_array_equal(got.astype(np.float64), np.asarray(v).astype(np.float64), err_msg=k)
+    plain = {k: v for k, v in tensors.items() if k not in ("e4m3", "e5m2")}
+    with safetensors.safe_open(path, framework="numpy") as back:  # the library reads ours
+        for k in plain:
+            np.testing.assert_array_equal(back.get_tensor(k), plain[k], err_msg=k)
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in plain.items()}, str(tmp_path / "lib.st"))
+    lib = Reader(str(tmp_path / "lib.st"))  # and we read the library's
+    for k in plain:
+        np.testing.assert_array_equal(lib[k], plain[k], err_msg=k)
+    assert not os.path.exists(path + ".tmp")
+    with pytest.raises(KeyError, match="nope"):
+        f["nope"]
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ValueError, match=r"bad\.safetensors is not a readable safetensors file"):
+        Reader(str(tmp_path / "bad.safetensors"))
