@@ -570,17 +570,27 @@ def lower_generate(*args, **kwargs):
     return _generate_jit.lower(*static, *dynamic)
 
 
+def rows_grouped(prompt_ids, prompt_mask, num_generations: int, group_layout: str = "consecutive") -> bool:
+    """Host check: are the rows ``B / G`` prompts x ``G`` identical copies in ``group_layout`` order (so
+    ``generate(..., num_generations=G)`` may prefill each prompt once)? Numpy-convertible inputs only."""
+    G = int(num_generations)
+    ids, m = np.asarray(prompt_ids), np.asarray(prompt_mask)
+    if G < 1 or ids.shape[0] % G:
+        return False
+    if G == 1:
+        return True
+    sel, row_of = _prompt_rows(ids.shape[0], G, group_layout)
+    return bool(np.array_equal(ids, ids[sel][row_of]) and np.array_equal(m, m[sel][row_of]))
+
+
 def _check_groups(prompt_ids, prompt_mask, G: int, group_layout: str) -> None:
     if G == 1 or isinstance(prompt_ids, jax.core.Tracer) or isinstance(prompt_mask, jax.core.Tracer):
         return
     if isinstance(prompt_ids, jax.Array) and not prompt_ids.is_fully_addressable:
         return
-    ids, m = np.asarray(prompt_ids), np.asarray(prompt_mask)
-    sel, row_of = _prompt_rows(ids.shape[0], G, group_layout)
-    bad = np.nonzero(np.any(ids != ids[sel][row_of], axis=1) | np.any(m != m[sel][row_of], axis=1))[0]
-    if bad.size:
+    if not rows_grouped(prompt_ids, prompt_mask, G, group_layout):
         raise ValueError(
             f"generate: num_generations={G} with group_layout={group_layout!r} needs rows made of identical "
-            f"prompts in that order, but rows {bad[:5].tolist()} differ from their group's first row; pass "
-            "num_generations=1 or reorder the rows (trl_jax.generation.repeat_for_generations)."
+            "prompts in that order, but some rows differ from their group's first row; pass num_generations=1 or "
+            "reorder the rows (trl_jax.generation.repeat_for_generations)."
         )

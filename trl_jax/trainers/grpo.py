@@ -369,12 +369,18 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
         )
 
-    def _sample(self, params, prompt_ids, prompt_mask, rng):
-        from trl_jax.generation import generate
+    def _sample(self, params, prompt_ids, prompt_mask, rng, *, num_generations: int = 1,
+                group_layout: str = "consecutive"):
+        """Sample with the policy cast and resharded to its decode layout (``args.decode_layout``, default
+        ``"auto"``); rows that are ``num_generations`` copies of each prompt (checked here) share one prefill."""
+        from trl_jax.generation import generate, rows_grouped
 
+        g = num_generations if rows_grouped(prompt_ids, prompt_mask, num_generations, group_layout) else 1
         batch = self._device_batch({"ids": prompt_ids, "mask": prompt_mask})
         out = generate(self.model, params, batch["ids"], batch["mask"], rng, mesh=self.mesh, return_logprobs=False,
-                       check_inputs=False, **self._sampling_kwargs())
+                       check_inputs=False, decode_layout=getattr(self.args, "decode_layout", "auto"),
+                       decode_block_size=int(getattr(self.args, "decode_block_size", 128)), num_generations=g,
+                       group_layout=group_layout, **self._sampling_kwargs())
         return np.asarray(jax.device_get(out.completion_ids)), np.asarray(jax.device_get(out.completion_mask))
 
     def _token_logps(self, params, batch, *, entropy=False):
@@ -421,7 +427,7 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         args = self.args
         prompts = [r["prompt"] for r in rows]
         prompt_ids, prompt_mask = _left_pad([r["prompt_ids"] for r in rows], self.prompt_length, self.pad_token_id)
-        cids, cmask = self._sample(params, prompt_ids, prompt_mask, rng)
+        cids, cmask = self._sample(params, prompt_ids, prompt_mask, rng, num_generations=num_generations)
         lengths = cmask.sum(axis=1)
         completion_ids_list = [row[:n].tolist() for row, n in zip(cids, lengths, strict=True)]
         texts = decode_and_strip_padding(cids, self.processing_class, mask=cmask, think_start=None, think_end=None)

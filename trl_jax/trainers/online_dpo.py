@@ -321,7 +321,8 @@ class OnlineDPOTrainer(BaseTrainer):
         padded = rows + [rows[-1]] * (num_rows - len(rows))
         prompt_ids, prompt_mask = _left_pad([r["prompt_ids"] for r in padded], self.prompt_length, self.pad_token_id)
         cids, cmask = self._sample(self.state.params, np.concatenate([prompt_ids, prompt_ids]),
-                                   np.concatenate([prompt_mask, prompt_mask]), rng)
+                                   np.concatenate([prompt_mask, prompt_mask]), rng, num_generations=2,
+                                   group_layout="tiled")  # each prompt prefilled once for its pair
         arrays, table = self.build_pairs(rows, prompt_ids, prompt_mask, cids, cmask, num_rows=num_rows,
                                          micro_rows=micro_rows, beta=beta)
         self.last_pairs = table
