@@ -121,3 +121,117 @@ def test_defaults_and_trl_example_values_pass(cls):
                 save_total_limit=2, overwrite_output_dir=True, max_consecutive_nonfinite_updates=0)
     assert cfg.overwrite_output_dir is True and cfg.max_consecutive_nonfinite_updates == 0
     assert _make(cls).max_consecutive_nonfinite_updates == 3
+
+
+# ---------------------------------------------------------------------------------------------------- field audit
+# Every field of every trainer config, of the CLI's ModelConfig and of its script arguments is in exactly one class:
+#   used          read by trl_jax (checked below: the name is read somewhere in trl_jax outside configs.py, or
+#                 resolved into a used field by a config's __post_init__: RESOLVED_IN_CONFIG);
+#   PyTorch-only  C.TORCH_ONLY_FIELDS: accepted with one warning line, no effect;
+#   not supported C.NOT_SUPPORTED_FIELDS: an error at construction unless left at the default.
+# A new field without a class fails test_every_field_has_exactly_one_class.
+RESOLVED_IN_CONFIG = {
+    "activation_checkpointing": "alias of gradient_checkpointing -> remat_policy",
+    "gradient_checkpointing": "-> remat_policy",
+    "fp16": "-> compute_dtype",
+    "bf16": "-> compute_dtype",
+    "do_eval": "GRPO's eval batch check",
+    "generation_batch_size": "-> steps_per_generation",
+    "vllm_importance_sampling_cap": "-> vllm_importance_sampling_clip_max (PyTorch-only too)",
+    "overwrite_output_dir": "read by the run's output_dir check",
+}
+AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.ModelConfig, C.ScriptArguments,
+           C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig]
+
+
+def _trl_jax_sources() -> str:
+    import trl_jax
+
+    root = os.path.dirname(trl_jax.__file__)
+    texts = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if name.endswith(".py") and path != os.path.join(root, "configs.py"):
+                texts.append(open(path, encoding="utf-8").read())
+    return "\n".join(texts)
+
+
+def _used_fields() -> set[str]:
+    import dataclasses
+
+    sources = _trl_jax_sources()
+    names = {f.name for cls in AUDITED for f in dataclasses.fields(cls)}
+    read = {n for n in names if re.search(rf"(\.{n}\b|[\"']{n}[\"'])", sources)}
+    return (read | set(RESOLVED_IN_CONFIG)) - set(C.TORCH_ONLY_FIELDS) - set(C.NOT_SUPPORTED_FIELDS)
+
+
+def test_every_field_has_exactly_one_class():
+    import dataclasses
+
+    used = _used_fields()
+    assert not set(C.TORCH_ONLY_FIELDS) & set(C.NOT_SUPPORTED_FIELDS)
+    unclassified = sorted({f.name for cls in AUDITED for f in dataclasses.fields(cls)}
+                          - used - set(C.TORCH_ONLY_FIELDS) - set(C.NOT_SUPPORTED_FIELDS))
+    assert unclassified == [], (
+        f"fields nothing reads and no class covers: {unclassified}. Implement them, or add them to "
+        "TORCH_ONLY_FIELDS (warned, no effect) or NOT_SUPPORTED_FIELDS (refused when set) in trl_jax/configs.py."
+    )
+    # The classes name real fields (no stale entries).
+    all_names = {f.name for cls in AUDITED for f in dataclasses.fields(cls)}
+    assert set(C.NOT_SUPPORTED_FIELDS) <= all_names and set(RESOLVED_IN_CONFIG) <= all_names
+
+
+def _non_default(f):
+    import dataclasses
+
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return default + 1
+    if default is None:
+        return {"int": 2, "float": 0.5, "bool": True, "list": ["x"]}.get(
+            next((t for t in ("bool", "int", "float", "list") if t in str(f.type)), "str"), "x")
+    if isinstance(default, list):
+        return ["x"]
+    return "other"
+
+
+@pytest.mark.parametrize("cls", AUDITED[:7], ids=[c.__name__ for c in AUDITED[:7]])
+def test_not_supported_fields_are_errors_when_set(cls):
+    import dataclasses
+
+    base = BASE.get(cls, {}) if cls in CONFIGS else {}
+    if cls in CONFIGS:
+        base = {"bf16": False, **base}
+    cls(**base)  # defaults pass
+    fields = [f for f in dataclasses.fields(cls) if f.name in C.NOT_SUPPORTED_FIELDS]
+    for f in fields:
+        with pytest.raises(ValueError, match=rf"not supported by trl_jax yet: `{f.name}`=.*\(.+\)"):
+            cls(**base, **{f.name: _non_default(f)})
+
+
+def test_peft_and_quantization_are_refused_from_the_cli_config():
+    """issue: `--use_peft true --lora_r 8 --load_in_4bit true` used to train the full model in fp32, silently."""
+    with pytest.raises(ValueError, match="`use_peft`=True.*LoRA.*`lora_r`=8.*`load_in_4bit`=True.*quantized"):
+        C.load_config({"use_peft": "true", "lora_r": "8", "load_in_4bit": "true"}, C.SFTConfig)
+    for key in ("lora_alpha", "lora_dropout", "lora_target_modules", "load_in_8bit", "use_dora"):
+        with pytest.raises(ValueError, match=f"`{key}`"):
+            C.load_config({key: "true" if key in ("load_in_8bit", "use_dora") else "1"}, C.SFTConfig)
+    assert C.load_config({"use_peft": "false", "lora_r": "16"}, C.SFTConfig).model_args.use_peft is False
+
+
+def test_torch_only_fields_of_model_and_script_args_warn():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        C.ModelConfig(attn_implementation="flash_attention_2")
+        C.ScriptArguments(ignore_bias_buffers=True)
+        C.SFTConfig(bf16=False, trust_remote_code=True, remove_unused_columns=False)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, C.TorchOnlyFieldWarning)]
+    assert len(msgs) == 3 and "attn_implementation" in msgs[0] and "ignore_bias_buffers" in msgs[1]
+    assert "remove_unused_columns" in msgs[2] and "trust_remote_code" in msgs[2]
+    with pytest.raises(ValueError, match="save_strategy='best'"):
+        C.SFTConfig(bf16=False, save_strategy="best")

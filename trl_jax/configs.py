@@ -37,6 +37,7 @@ __all__ = [
     "GRPO_LOSS_TYPES",
     "ONLINE_DPO_LOSS_TYPES",
     "TORCH_ONLY_FIELDS",
+    "NOT_SUPPORTED_FIELDS",
     "JAX_FIELDS",
     "TrainingArgumentsJax",
     "BaseConfig",
@@ -81,8 +82,59 @@ TORCH_ONLY_FIELDS: frozenset[str] = frozenset(
         "vllm_server_port", "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization",
         "vllm_max_model_length", "vllm_tensor_parallel_size", "use_transformers_continuous_batching",
         "transformers_continuous_batching_config", "use_transformers_paged", "cache_implementation",
+        "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_min",
+        "vllm_importance_sampling_clip_max", "vllm_importance_sampling_cap",
+        # transformers Trainer / modelling internals with no counterpart here (trl_jax's models have no dropout,
+        # always reduce log-probs in fp32, never drop dataset columns by signature, and are deterministic)
+        "trust_remote_code", "attn_implementation", "disable_dropout", "cast_lm_head_to_fp32", "full_determinism",
+        "remove_unused_columns", "label_names", "length_column_name", "log_level", "logging_nan_inf_filter",
+        "eval_accumulation_steps", "eval_do_concat_batches", "prediction_loss_only", "do_train", "do_predict",
+        "log_multimodal", "ignore_bias_buffers",
     }
 )
+
+_PEFT = "LoRA/PEFT is not implemented in trl_jax yet: leave it unset to train the full model"
+_QUANT = ("quantized (bitsandbytes) loading is not implemented yet: leave it unset; `param_dtype: bfloat16` halves "
+          "the memory of the weights")
+_HUB = ("pushing to the Hub is not implemented: `save_model()` writes a Hugging Face directory, upload it with "
+        "`hf upload`")
+_BEST = ("keeping the best checkpoint is not implemented: pick the step from log_history.jsonl and load "
+         "`<output_dir>/checkpoints/<step>` with resume_from_checkpoint")
+_METRICS = "compute_metrics is not supported: evaluation reports the loss and the trainer's metrics"
+# Fields that would change the experiment but are not implemented yet: an error at construction when set to a
+# non-default value (so that a user who asked for LoRA does not silently get a full fine-tune), with what to do.
+NOT_SUPPORTED_FIELDS: dict[str, str] = {
+    **{name: _PEFT for name in ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                                "lora_target_parameters", "lora_modules_to_save", "lora_task_type", "use_rslora",
+                                "use_dora")},
+    **{name: _QUANT for name in ("load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+                                 "bnb_4bit_quant_storage")},
+    **{name: _HUB for name in ("push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
+                               "hub_always_push", "hub_revision", "log_completions_hub_repo")},
+    **{name: _BEST for name in ("load_best_model_at_end", "metric_for_best_model", "greater_is_better")},
+    "batch_eval_metrics": _METRICS,
+    "include_for_metrics": _METRICS,
+    "model_revision": ("download that revision (`hf download ID --revision REV --local-dir DIR`) and pass DIR as "
+                       "model_name_or_path"),
+    "average_tokens_across_devices": "trl_jax always normalizes the loss by the token count of the global batch",
+    "bf16_full_eval": "evaluation runs in `compute_dtype`; set that instead",
+    "fp16_full_eval": "evaluation runs in `compute_dtype`; set that instead",
+    "dataset_kwargs": "prepare the dataset yourself (e.g. with `datasets.map`) before passing it",
+    "eval_delay": "not implemented; use eval_strategy / eval_steps",
+    "ignore_data_skip": "resume is exact by construction (the data order is a function of seed and epoch)",
+    "include_num_input_tokens_seen": "`num_tokens` (cumulative) is logged with every record",
+    "label_smoothing_factor": "label smoothing is not implemented",
+    "restore_callback_states_from_checkpoint": "callback states are not saved in checkpoints",
+    "router_aux_loss_coef": "mixture-of-experts models are not supported",
+    "save_only_model": "checkpoints always hold the whole train state; save_model() writes the model alone",
+    "trackio_space_id": "trackio logging is not implemented; use report_to tensorboard or wandb",
+    "trackio_bucket_id": "trackio logging is not implemented; use report_to tensorboard or wandb",
+    "trackio_static_space_id": "trackio logging is not implemented; use report_to tensorboard or wandb",
+    "log_unique_prompts": "not implemented; completions.jsonl has every prompt",
+    **{name: "adaptive entropy is not implemented; use a fixed entropy_coef"
+       for name in ("use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
+                    "entropy_target")},
+}
 
 # Fields that trl_jax adds to every config (absent from TRL's configs). `pad_to_multiple_of` exists in TRL's SFT/DPO/
 # KTO/GRPO configs with the same default and is added to the others.
@@ -208,6 +260,23 @@ class _ConfigMixin:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def _field_defaults(self):
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else None
+            )
+            yield f.name, default
+
+    def _refuse_not_supported(self) -> None:
+        """`NOT_SUPPORTED_FIELDS` set to a non-default value: one error naming each field and what to do instead."""
+        problems = []
+        for name, default in self._field_defaults():
+            if name in NOT_SUPPORTED_FIELDS and getattr(self, name) != default:
+                problems.append(f"`{name}`={getattr(self, name)!r} ({NOT_SUPPORTED_FIELDS[name]})")
+        if problems:
+            raise ValueError(f"{type(self).__name__}: not supported by trl_jax yet: {'; '.join(problems)}. Leave "
+                             "these fields at their defaults.")
 
     def _warn_torch_only(self) -> None:
         set_fields = []
@@ -380,6 +449,7 @@ class TrainingArgumentsJax(_ConfigMixin):
     max_consecutive_nonfinite_updates: int = 3
 
     def __post_init__(self):
+        self._refuse_not_supported()
         self._warn_torch_only()
         self._check_numbers()
         if self.output_dir is None:
@@ -410,6 +480,9 @@ class TrainingArgumentsJax(_ConfigMixin):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
             setattr(self, name, value)
+        if self.save_strategy == "best":
+            raise ValueError("`save_strategy='best'` is not supported by trl_jax yet (keeping the best checkpoint is "
+                             "not implemented); use 'steps' or 'epoch' and pick the step from log_history.jsonl.")
         if self.do_eval is False and self.eval_strategy != "no":
             self.do_eval = True
         if self.eval_strategy == "steps" and not self.eval_steps:
@@ -894,7 +967,8 @@ class OnlineDPOConfig(BaseConfig):
 
 @dataclass
 class ModelConfig(_ConfigMixin):
-    """Field names and defaults of `trl.ModelConfig`. PEFT/quantization fields are accepted; trl_jax ignores them."""
+    """Field names and defaults of `trl.ModelConfig`. PEFT/quantization fields are refused when set
+    (`NOT_SUPPORTED_FIELDS`); `attn_implementation` is PyTorch-only (warned, ignored)."""
 
     model_name_or_path: str | None = None
     model_revision: str = "main"
@@ -916,6 +990,10 @@ class ModelConfig(_ConfigMixin):
     use_bnb_nested_quant: bool = False
     bnb_4bit_quant_storage: str | None = None
 
+    def __post_init__(self):
+        self._refuse_not_supported()
+        self._warn_torch_only()
+
 
 @dataclass
 class ScriptArguments(_ConfigMixin):
@@ -927,6 +1005,10 @@ class ScriptArguments(_ConfigMixin):
     dataset_test_split: str = "test"
     dataset_streaming: bool = False
     ignore_bias_buffers: bool = False
+
+    def __post_init__(self):
+        self._refuse_not_supported()
+        self._warn_torch_only()
 
 
 @dataclass
