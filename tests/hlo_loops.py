@@ -37,7 +37,7 @@ def body_program(comps: dict, body: str) -> str:
 
 def decode_loops(text: str, layers: int, kv_heads: int, head_dim: int) -> tuple[dict, dict[int, str]]:
     """``(computations, {cache slots S: body name})`` of the while loops (no known trip count) carrying a KV cache
-    ``[L, B, S, K, Hd]``: the decode segments of a sampling program."""
+    ``[L, B, S, K, Hd]`` (per device: ``B`` and ``K`` may be shards): the decode segments of a sampling program."""
     comps, _ = parse(text)
     loops = {}
     for instrs in comps.values():
@@ -47,7 +47,7 @@ def decode_loops(text: str, layers: int, kv_heads: int, head_dim: int) -> tuple[
                 continue
             body = re.search(r"body=%?([\w.\-]+)", instr).group(1)
             for _, dims in _shapes(out):
-                if len(dims) == 5 and dims[0] == layers and dims[3] == kv_heads and dims[4] == head_dim:
+                if len(dims) == 5 and dims[0] == layers and kv_heads % dims[3] == 0 and dims[4] == head_dim:
                     loops[dims[2]] = body
     return comps, loops
 

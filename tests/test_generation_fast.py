@@ -192,3 +192,29 @@ def test_prefix_sharing_same_tokens_and_a_fraction_of_the_prefill(dirs):
         generate(model, params, tiled["ids"], tiled["mask"], num_generations=G, **one)
     with pytest.raises(ValueError, match="multiple of num_generations"):
         generate(model, params, rep["ids"][:6], rep["mask"][:6], num_generations=G, **one)
+
+
+def test_tensor_parallel_decode_layout_splits_heads_and_gathers_no_weight(tmp_path):
+    """Heads, KV heads, MLP and vocabulary all divisible by 8: a real 8-way tensor-parallel decode."""
+    tm = make_torch_model("qwen3", seed=1, vocab_size=128, num_attention_heads=8, num_key_value_heads=8)
+    model, params = from_pretrained(save_torch_model(tm, tmp_path))
+    c = model.config
+    mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    sh = jax.device_put(params, param_shardings(model.logical_axes(), model.abstract_params(), mesh))
+    ids, mask = _prompts()
+    ids = np.where(mask == 1, ids % 128, PAD).astype(np.int32)
+    b = shard_batch({"ids": ids, "mask": mask}, mesh)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=PAD, mesh=mesh, decode_layout="tensor")
+    tp = prepare_decode_params(model, sh, mesh=mesh, layout="tensor")
+    P_ = jax.sharding.PartitionSpec
+    assert tp["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == P_(None, None, "fsdp", None)
+    assert tp["layers"]["self_attn"]["k_proj"]["kernel"].sharding.spec == P_(None, None, "fsdp", None)
+    assert tp["layers"]["self_attn"]["o_proj"]["kernel"].sharding.spec == P_(None, "fsdp", None, None)
+    assert tp["embed_tokens"]["embedding"].sharding.spec == P_("fsdp", None)
+    comps, loops = decode_loops(lower_generate(model, sh, b["ids"], b["mask"], **kw).compile().as_text(),
+                                c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    (body,) = loops.values()
+    assert _gathered_weights(comps, body, params) == []
+    assert body_cost(comps, body)["collective_bytes"].get("all-reduce", 0) > 0  # activations are reduced instead
+    out = generate(model, sh, b["ids"], b["mask"], **kw)
+    np.testing.assert_array_equal(np.asarray(out.completion_ids), _hf_greedy(tm, ids, mask, 12))
