@@ -73,7 +73,8 @@ def test_dpo_loss_types_are_trls_15():
     assert len(trl_types) == 15 and tuple(trl_types) == C.DPO_LOSS_TYPES == LOSS_TYPES
     for t in trl_types:
         assert C.DPOConfig(bf16=False, loss_type=t).loss_type == [t]
-    assert C.DPOConfig(bf16=False, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]).loss_type == ["sigmoid", "sft"]
+    both = C.DPOConfig(bf16=False, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    assert both.loss_type == ["sigmoid", "sft"]
     with pytest.raises(ValueError, match=r"Unknown DPO `loss_type` \['sigmod'\]\. Did you mean 'sigmoid'\?"):
         C.DPOConfig(loss_type="sigmod")
     with pytest.raises(ValueError, match="`loss_type` is empty"):

@@ -341,7 +341,9 @@ def check_output_dir(output_dir, *, resume_from_checkpoint=None, overwrite_outpu
         OutputDirLock(output_dir).check()
     ckpt_dir = os.path.join(output_dir, "checkpoints")
     steps = committed_steps(ckpt_dir)
-    resume = resume_from_checkpoint not in (None, False, "", "false", "False")
+    resume = bool(resume_from_checkpoint) and not (
+        isinstance(resume_from_checkpoint, str)
+        and resume_from_checkpoint.strip().lower() in ("", "false", "no", "0", "none"))
     if resume and overwrite_output_dir:
         raise UsageError("`resume_from_checkpoint` and `overwrite_output_dir` are both set: resume the earlier run "
                          "or delete it, not both; unset one of them.")

@@ -335,6 +335,9 @@ class BaseTrainer(abc.ABC):
         if self.train_dataset is None:
             raise ValueError("train() needs a train_dataset.")
         resume_from_checkpoint = resume_from_checkpoint or args.resume_from_checkpoint
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.strip().lower() in ("", "false", "no",
+                                                                                                  "0", "none"):
+            resume_from_checkpoint = None  # `--resume_from_checkpoint false` from a CLI or YAML
         lock = OutputDirLock(args.output_dir) if jax.process_index() == 0 else None
         if lock is not None:
             lock.acquire()
@@ -488,8 +491,9 @@ class BaseTrainer(abc.ABC):
         save(good)
         ckpt.wait()
         raise FloatingPointError(
-            f"loss is {loss} (grad_norm {grad_norm}) at step {step_done}, the {consecutive}th non-finite update in a "
-            f"row (max_consecutive_nonfinite_updates={self.args.max_consecutive_nonfinite_updates}): the updates "
+            f"loss is {loss} (grad_norm {grad_norm}) at step {step_done}: {consecutive} non-finite updates in a row "
+            f"(max_consecutive_nonfinite_updates={self.args.max_consecutive_nonfinite_updates}; 0 never stops). The "
+            "updates "
             f"were skipped and the last good state was saved as step {good} in {ckpt.directory}. Lower "
             "learning_rate, set max_grad_norm, check the data for rows without completion tokens, or use "
             "compute_dtype='float32'; resume with resume_from_checkpoint."
