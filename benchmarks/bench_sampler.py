@@ -11,8 +11,12 @@ Usage:
 GPU mode reports decode tokens/s (``B * (N - 1) / (t(N) - t(1))``, i.e. prefill and the first sample removed) and
 the fraction of the HBM-bandwidth bound: per decode step the weights are read once and the KV cache of the
 tokens so far (``2 * L * B * ctx * K * Hd * bytes``); bound = sum over steps / HBM bandwidth (by device name or
-``--hbm-tbps``). ``kv_full`` also gives the bound counting the whole preallocated cache, which trl_jax's masked
-attention reads every step. Prints one JSON line per measurement, then a markdown table.
+``--hbm-tbps``). ``kv_segments`` also gives the bound counting the KV slots trl_jax's attention actually reads:
+the decode loop runs in segments (``decode_segments``: 128 tokens, then doubling) over a cache grown to each
+segment's end, so a step reads at most about twice the tokens generated so far. ``--num-generations G`` repeats each
+prompt G times (GRPO groups): trl_jax prefills each distinct prompt once. ``--decode-layout`` casts/reshards the
+weights for decoding first (``auto``/``replicated``/``tensor``). Prints one JSON line per measurement, then a
+markdown table.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trl_jax.generation import generate
+from trl_jax.generation import decode_segments, generate, repeat_for_generations
 
 PRESETS = {
     "cpu": dict(vocab=16384, hidden=256, intermediate=704, layers=4, heads=4, kv_heads=2, head_dim=64, batch=16,
@@ -59,16 +63,16 @@ def _hf_config(c):
     )
 
 
-def _prompts(c, seed=0):
+def _prompts(c, seed=0, num_generations=1):
     rng = np.random.default_rng(seed)
-    B, P = c["batch"], c["prompt_len"]
+    B, P = c["batch"] // num_generations, c["prompt_len"]
     ids = rng.integers(1, c["vocab"], size=(B, P)).astype(np.int32)
     mask = np.ones_like(ids)
     lengths = rng.integers(P // 2, P + 1, size=B)  # left padding, lengths P/2..P
     for r, n in enumerate(lengths):
         mask[r, : P - n] = 0
     ids[mask == 0] = 0
-    return ids, mask
+    return repeat_for_generations(ids, num_generations), repeat_for_generations(mask, num_generations)
 
 
 def _median_time(fn, repeats):
@@ -130,6 +134,9 @@ def main() -> None:
     ap.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth override (TB/s)")
     ap.add_argument("--compare-transformers", action="store_true", help="GPU mode: also time torch generate")
     ap.add_argument("--no-torch", action="store_true", help="CPU mode: skip transformers")
+    ap.add_argument("--num-generations", type=int, default=1, help="completions per prompt (shared prefill)")
+    ap.add_argument("--decode-layout", default=None, choices=("auto", "replicated", "tensor"),
+                    help="cast/reshard the weights for decoding first (default: use them as loaded)")
     args = ap.parse_args()
     c = dict(PRESETS[args.preset])
     for k in ("batch", "prompt_len", "new_tokens", "layers", "repeats"):
@@ -138,8 +145,8 @@ def main() -> None:
     B, P, N = c["batch"], c["prompt_len"], c["new_tokens"]
     dev = jax.devices()[0]
     env = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, python=platform.python_version(),
-               preset=args.preset, **{k: c[k] for k in ("batch", "prompt_len", "new_tokens", "layers", "hidden",
-                                                         "vocab", "dtype")})
+               preset=args.preset, num_generations=args.num_generations, decode_layout=args.decode_layout,
+               **{k: c[k] for k in ("batch", "prompt_len", "new_tokens", "layers", "hidden", "vocab", "dtype")})
     rows = []
 
     def emit(**r):
@@ -157,14 +164,17 @@ def main() -> None:
                    torch_threads=torch.get_num_threads())
         tm = _torch_model(c, "cuda" if dev.platform == "gpu" else "cpu", c["dtype"])
     model, params = _jax_model(c, args, tm)
-    ids, mask = _prompts(c)
+    G = args.num_generations
+    if B % G:
+        raise SystemExit(f"--batch {B} must be a multiple of --num-generations {G}")
+    ids, mask = _prompts(c, num_generations=G)
     ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
     key = jax.random.key(0)
 
     def jax_run(n):
         def run():
             out = generate(model, params, ids_j, mask_j, key, max_new_tokens=n, temperature=1.0, pad_token_id=0,
-                           check_inputs=False)
+                           check_inputs=False, num_generations=G, decode_layout=args.decode_layout)
             jax.block_until_ready(out)
             return out
         return run
@@ -185,14 +195,15 @@ def main() -> None:
         kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(c["dtype"]).itemsize
         ctx = P + np.arange(1, N)  # cache length read while producing tokens 1..N-1
         bound_bytes = (N - 1) * w_bytes + kv_tok * B * ctx.sum()
-        full_bytes = (N - 1) * (w_bytes + kv_tok * B * (P + N - 1))
+        seg_slots = sum((e - s) * (P + e - 1) for s, e in decode_segments(N, 128))  # slots trl_jax reads
+        full_bytes = (N - 1) * w_bytes + kv_tok * B * seg_slots
         bw = args.hbm_tbps or _hbm_tbps(dev.device_kind)
         r = dict(impl="hbm_bound", weight_bytes=int(w_bytes), kv_bytes_per_step_mean=float(kv_tok * B * ctx.mean()),
                  hbm_tbps=bw)
         if bw:
             bound_s, full_s = bound_bytes / (bw * 1e12), full_bytes / (bw * 1e12)
             r.update(bound_decode_s=bound_s, bound_decode_tokens_per_s=B * (N - 1) / bound_s,
-                     fraction_of_bound=bound_s / decode_s, fraction_of_bound_kv_full=full_s / decode_s)
+                     fraction_of_bound=bound_s / decode_s, fraction_of_bound_kv_segments=full_s / decode_s)
         emit(**r)
 
     if tm is not None:
@@ -205,15 +216,15 @@ def main() -> None:
         if r["impl"] in ("trl_jax", "transformers"):
             note = ""
             if r["impl"] == "trl_jax":
-                note = (f"decode {r['decode_tokens_per_s']:.0f} tok/s, {r['ms_per_decode_step']:.2f} ms/step; "
-                        f"first call (compile) {r['first_call_s']:.1f} s")
+                note = (f"prefill + first token {r['prefill_plus_first_s']:.3f} s; decode {r['decode_tokens_per_s']:.0f} "
+                        f"tok/s, {r['ms_per_decode_step']:.2f} ms/step; first call (compile) {r['first_call_s']:.1f} s")
             print(f"| {r['impl']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {note} |")
         elif r["impl"] == "speedup":
             print(f"| speedup | | | trl_jax is {r['trl_jax_over_transformers']:.2f}x transformers |")
         elif r["impl"] == "hbm_bound" and r.get("hbm_tbps"):
             print(f"| HBM bound @ {r['hbm_tbps']} TB/s | {r['bound_decode_s']:.3f} | "
                   f"{r['bound_decode_tokens_per_s']:.0f} | decode at {100 * r['fraction_of_bound']:.1f}% of the bound "
-                  f"({100 * r['fraction_of_bound_kv_full']:.1f}% counting the full preallocated cache) |")
+                  f"({100 * r['fraction_of_bound_kv_segments']:.1f}% counting the cache slots the segments read) |")
 
 
 if __name__ == "__main__":
