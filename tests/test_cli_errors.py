@@ -104,3 +104,11 @@ def test_process_exit_status(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("trl-jax: error: ") and "Traceback" not in proc.stderr
+
+
+def test_dataset_that_is_not_found_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, line, err = _run(capsys, ["sft", "--model_name_or_path", "builtin:tiny-qwen3", "--dataset_name",
+                                    "./data/missing.jsonl", "--output_dir", "out"])
+    assert code == 2 and "Traceback" not in err
+    assert "dataset_name './data/missing.jsonl' was not found" in line and ".jsonl" in line and "builtin:NAME" in line

@@ -69,7 +69,7 @@ def _datasets(run, split_names):
         raise UsageError("set `dataset_name` (hub name, local json/jsonl/parquet file or builtin:NAME) or "
                          "`datasets:` in the config.")
     kw = dict(name=script.dataset_config, streaming=script.dataset_streaming)
-    train = load_dataset_any(script.dataset_name, split=script.dataset_train_split, **kw)
+    train = _load_named(load_dataset_any, script.dataset_name, split=script.dataset_train_split, **kw)
     eval_ds = None
     if run.args.eval_strategy != "no" or split_names:
         try:
@@ -79,6 +79,24 @@ def _datasets(run, split_names):
                 raise UsageError(f"eval_strategy={run.args.eval_strategy!r} but no eval split: {e} Set "
                                  "`dataset_test_split` to an existing split, or eval_strategy='no'.") from e
     return train, eval_ds
+
+
+def _load_named(load, dataset, **kw):
+    """``load(name, **kw)``; a dataset that cannot be found (no such file, not on the hub or offline) is a usage
+    error naming it and the accepted forms."""
+    try:
+        return load(dataset, **kw)
+    except Exception as e:  # noqa: BLE001 - classified below, anything else propagates unchanged
+        not_found = isinstance(e, FileNotFoundError) or type(e).__name__ in (
+            "DatasetNotFoundError", "ConnectionError", "OfflineModeIsEnabled", "RepositoryNotFoundError")
+        if not not_found:
+            raise
+        reason = " ".join(str(e).split())[:300]
+        raise UsageError(
+            f"dataset_name {dataset!r} was not found ({type(e).__name__}: {reason}); expected a local .json/.jsonl/"
+            ".parquet/.csv file or saved dataset directory (relative to the current directory, "
+            f"{os.getcwd()}), a Hugging Face Hub dataset id (cached, or reachable online), or builtin:NAME."
+        ) from e
 
 
 def _model_id(run) -> str:
