@@ -218,3 +218,41 @@ def test_tensor_parallel_decode_layout_splits_heads_and_gathers_no_weight(tmp_pa
     assert body_cost(comps, body)["collective_bytes"].get("all-reduce", 0) > 0  # activations are reduced instead
     out = generate(model, sh, b["ids"], b["mask"], **kw)
     np.testing.assert_array_equal(np.asarray(out.completion_ids), _hf_greedy(tm, ids, mask, 12))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_donated_decode_step_updates_the_cache_in_place(dirs, scan):
+    from trl_jax.generation import make_decode_fns
+    from trl_jax.models.decoder import init_decode_cache
+
+    _, d = dirs["mistral"]  # sliding window 4: the cached mask must apply it too
+    model, params = from_pretrained(d, scan_layers=scan)
+    c = model.config
+    ids, mask = _prompts(B=4)
+    B, P = ids.shape
+    prefill, step = make_decode_fns(model)
+    cache = init_decode_cache(c, B, P + 6)
+    k_before = cache["k"]
+    logits, cache = prefill(params, cache, ids, mask)
+    assert k_before.is_deleted()  # donated
+    seq, full_mask = ids, mask
+    pos = mask.sum(1)
+    for t in range(6):  # teacher-forced tokens: each step's logits equal the full forward's at that position
+        tok = np.asarray(jnp.argmax(logits, -1), np.int32)
+        seq = np.concatenate([seq, tok[:, None]], 1)
+        full_mask = np.concatenate([full_mask, np.ones((B, 1), np.int32)], 1)
+        ref = model.logits(params, seq, np.maximum(np.cumsum(full_mask, 1) - 1, 0), attention_mask=full_mask)[:, -1]
+        logits, cache = step(params, cache, tok, pos + t)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=2e-5)
+    # compiled step: the cache's k/v are aliased to the outputs, and only a dynamic-update-slice writes them
+    L, S, K, Hd = c.num_hidden_layers, P + 6, c.num_key_value_heads, c.head_dim
+    text = step.lower(params, cache, tok, pos).compile().as_text()
+    assert "input_output_alias" in text
+    from trl_jax.utils.hlo_cost import parse
+    comps, entry = parse(text)
+    for _, op, shapes, instr in instructions(comps, entry):
+        if any(dims == [L, B, S, K, Hd] for _, dims in shapes):
+            if op == "fusion":
+                op = root_op(comps, instr.split("calls=")[1].split(",")[0].strip().lstrip("%"))
+            assert op in ("parameter", "get-tuple-element", "tuple", "while", "dynamic-update-slice", "bitcast"), \
+                instr[:200]

@@ -29,6 +29,7 @@ from trl_jax.generation.sampler import (
     decode_segments,
     generate,
     lower_generate,
+    make_decode_fns,
     prepare_decode_params,
     rows_grouped,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "decode_segments",
     "generate",
     "lower_generate",
+    "make_decode_fns",
     "min_p",
     "prepare_decode_params",
     "process_logits",

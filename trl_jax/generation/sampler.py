@@ -260,6 +260,38 @@ def _cache_shardings(cache, mesh: Mesh, b, layout):
     return jax.tree.map(one, cache)
 
 
+# ------------------------------------------------------------------------------------------------- step functions
+def make_decode_fns(model):
+    """Jitted ``(prefill, decode_step)`` over :func:`trl_jax.models.decoder.init_decode_cache` caches, the cache
+    donated (its k/v buffers are updated in place, one token per layer), for callers that drive their own loop::
+
+        cache = init_decode_cache(model.config, B, P + N - 1)
+        logits [B, V], cache = prefill(params, cache, prompt_ids [B, P], prompt_mask [B, P])
+        logits [B, V], cache = decode_step(params, cache, tokens [B], positions [B])
+
+    Attention covers the cache's slots, so allocate it to the length needed (or grow it, as :func:`generate` does).
+    """
+    if not _is_fast_model(model):
+        raise ValueError("make_decode_fns needs a trl_jax.models.CausalLM; other models: model.prefill/decode_step.")
+    from trl_jax.models.decoder import decode_forward
+
+    mc = model.config
+
+    def prefill(params, cache, prompt_ids, prompt_mask):
+        mask = prompt_mask.astype(jnp.int32)
+        pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        h, cache = decode_forward(mc, params, cache, prompt_ids.astype(jnp.int32), pos, mask)
+        return model.logits_from_hidden(params, h[:, -1]), cache
+
+    def decode_step(params, cache, tokens, positions):
+        B = tokens.shape[0]
+        h, cache = decode_forward(mc, params, cache, tokens[:, None].astype(jnp.int32),
+                                  positions[:, None].astype(jnp.int32), jnp.ones((B, 1), jnp.int32))
+        return model.logits_from_hidden(params, h[:, 0]), cache
+
+    return jax.jit(prefill, donate_argnums=(1,)), jax.jit(decode_step, donate_argnums=(1,))
+
+
 # ------------------------------------------------------------------------------------------------- decode segments
 def decode_segments(max_new_tokens: int, block: int) -> tuple[tuple[int, int], ...]:
     """The decode loop's segments ``(start, end)`` over steps ``t`` (step ``t`` feeds token ``t - 1`` and samples
