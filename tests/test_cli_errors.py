@@ -112,3 +112,9 @@ def test_dataset_that_is_not_found_is_a_usage_error(capsys, tmp_path, monkeypatc
                                     "./data/missing.jsonl", "--output_dir", "out"])
     assert code == 2 and "Traceback" not in err
     assert "dataset_name './data/missing.jsonl' was not found" in line and ".jsonl" in line and "builtin:NAME" in line
+
+
+def test_resume_without_a_checkpoint_is_a_usage_error(capsys, tmp_path):
+    code, line, _ = _run(capsys, ["sft", "--model_name_or_path", "builtin:tiny-qwen3", "--output_dir", str(tmp_path),
+                                  "--resume_from_checkpoint", "true", "--max_steps", "1"] + DATA)
+    assert code == 2 and "no checkpoint found" in line

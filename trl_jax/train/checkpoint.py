@@ -179,6 +179,19 @@ def committed_steps(directory) -> list[int]:
 LOCK_NAME = "trl_jax.lock"
 
 
+def _usage_error_class():
+    from trl_jax.configs import UsageError
+
+    class NoCheckpointError(UsageError, FileNotFoundError):
+        """``resume_from_checkpoint`` finds no checkpoint (a usage error for the CLI, and a ``FileNotFoundError``)."""
+
+    NoCheckpointError.__module__ = __name__
+    return NoCheckpointError
+
+
+NoCheckpointError = _usage_error_class()
+
+
 class OutputDirInUseError(RuntimeError):
     """Another live run holds the ``output_dir`` lock."""
 
@@ -348,6 +361,13 @@ def check_output_dir(output_dir, *, resume_from_checkpoint=None, overwrite_outpu
         raise UsageError("`resume_from_checkpoint` and `overwrite_output_dir` are both set: resume the earlier run "
                          "or delete it, not both; unset one of them.")
     if resume:
+        latest = isinstance(resume_from_checkpoint, bool) or str(resume_from_checkpoint).strip().lower() in (
+            "true", "latest")
+        if latest and not steps:
+            raise NoCheckpointError(
+                f"resume_from_checkpoint={resume_from_checkpoint!r}: no checkpoint found in {ckpt_dir}; train "
+                "without resume_from_checkpoint, or point it at a checkpoints directory (or one step in it)."
+            )
         return
     if steps and not overwrite_output_dir:
         raise UsageError(
@@ -370,5 +390,5 @@ def check_output_dir(output_dir, *, resume_from_checkpoint=None, overwrite_outpu
             print(f"[trl_jax] overwrite_output_dir: deleted {', '.join(removed)} in {output_dir}", file=sys.stderr)
 
 
-__all__ = ["Checkpointer", "CheckpointSaveError", "LOCK_NAME", "OutputDirInUseError", "OutputDirLock",
+__all__ = ["Checkpointer", "CheckpointSaveError", "LOCK_NAME", "NoCheckpointError", "OutputDirInUseError", "OutputDirLock",
            "StaleLockWarning", "check_output_dir", "committed_steps", "restore_or_init"]

@@ -29,7 +29,7 @@ from trl_jax.losses.base import LossTerms
 from trl_jax.parallel import batch_parallel_size, make_mesh
 from trl_jax.parallel.sharding import shard_batch
 from trl_jax.train import Checkpointer, TrainState, make_eval_step, make_train_step, optimizer_from_args
-from trl_jax.train.checkpoint import CheckpointSaveError, OutputDirLock, check_output_dir
+from trl_jax.train.checkpoint import CheckpointSaveError, NoCheckpointError, OutputDirLock, check_output_dir
 from trl_jax.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from trl_jax.trainers.logging import MetricsLogger
 
@@ -316,7 +316,7 @@ class BaseTrainer(abc.ABC):
             if path != ckpt.directory:
                 ckpt = Checkpointer(path)
         if ckpt.latest_step() is None:
-            raise FileNotFoundError(
+            raise NoCheckpointError(
                 f"resume_from_checkpoint={resume_from_checkpoint!r}: no checkpoint found in {ckpt.directory}; "
                 "train without resume_from_checkpoint or point it at an output_dir/checkpoints directory."
             )
