@@ -134,3 +134,13 @@ def test_bad_file_in_a_mixture_is_named(tmp_path):
     mixture = DatasetMixtureConfig(datasets=[DatasetConfig(path=good), DatasetConfig(path=str(empty))])
     with pytest.raises(DatasetFileError, match=r"nothing\.jsonl is empty"):
         load_dataset_mixture(mixture)
+
+
+def test_bad_file_behind_path_json_is_named(tmp_path):
+    """TRL's `path: json` + `data_files:` form gets the same one-line error."""
+    good = _files(tmp_path, [3])[0]
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": \n')
+    mixture = DatasetMixtureConfig(datasets=[DatasetConfig(path="json", data_files=[good, str(bad)])])
+    with pytest.raises(DatasetFileError, match=r"broken\.jsonl, line 2, column 10: invalid JSON"):
+        load_dataset_mixture(mixture)

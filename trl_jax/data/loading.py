@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from typing import Any
 
@@ -62,15 +63,21 @@ def load_dataset_any(source: Any, *, split: str | None = "train", name: str | No
         return load_builtin_dataset(source.split(":", 1)[1], split=split or "train")
     ext = os.path.splitext(source)[1].lower()
     if ext in _FILE_BUILDERS:
+        json_logger = logging.getLogger("datasets.packaged_modules.json.json")
+        level = json_logger.level
+        if _FILE_BUILDERS[ext] == "json":  # its "Failed to load JSON" lines would precede the one error below
+            json_logger.setLevel(logging.CRITICAL)
         try:
             return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=source, split="train", streaming=streaming,
                                          **kwargs)
-        except Exception as error:  # noqa: BLE001 -- diagnosed below, re-raised as is when the file looks fine
+        except Exception:  # noqa: BLE001 -- diagnosed below, re-raised as is when the file looks fine
             if _FILE_BUILDERS[ext] != "json":
                 raise
             problem = _diagnose_json_files(source)
             if problem is None:
                 raise
+        finally:
+            json_logger.setLevel(level)
         raise problem from None
     if os.path.isdir(source):
         if os.path.exists(os.path.join(source, "dataset_info.json")) or os.path.exists(
@@ -82,6 +89,17 @@ def load_dataset_any(source: Any, *, split: str | None = "train", name: str | No
                                   streaming=streaming, **kwargs),
             split, source,
         )
+    if source == "json" and isinstance(data_files, (str, list, tuple)):  # TRL's `path: json` + `data_files:`
+        files = [data_files] if isinstance(data_files, str) else list(data_files)
+        try:
+            ds = datasets.load_dataset(source, name, data_dir=data_dir, data_files=data_files, split=split,
+                                       streaming=streaming, **kwargs)
+        except Exception:  # noqa: BLE001 -- diagnosed below, re-raised as is when the files look fine
+            problem = next((p for p in map(_diagnose_json_files, files) if p is not None), None)
+            if problem is None:
+                raise
+            raise problem from None
+        return _pick_split(ds, split, source)
     return _pick_split(
         datasets.load_dataset(source, name, data_dir=data_dir, data_files=data_files, split=split,
                               streaming=streaming, **kwargs),
