@@ -69,6 +69,7 @@ def test_flush_left_matches_trl(seed):
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e.numpy())
     np.testing.assert_array_equal(flush_left(mask), trl_flush_left(torch.tensor(mask)).numpy())
+    assert isinstance(flush_left(mask.tolist()), np.ndarray)  # lists in, numpy out
     jm, jv = flush_left(jnp.asarray(mask), jnp.asarray(values))  # JAX arrays in, JAX arrays out
     assert isinstance(jv, type(jnp.asarray(values))) and jm.shape == expected[0].shape
     np.testing.assert_array_equal(np.asarray(jv), expected[1].numpy())

@@ -1,7 +1,8 @@
 """TRL's small data utilities: ``flush_left`` / ``flush_right`` (``trl.trainer.utils``) and ``truncate_dataset``
 (``trl.experimental.utils``), with the same outputs as TRL's on the same inputs.
 
-``flush_left`` / ``flush_right`` take numpy or JAX arrays and return the same kind. Their output width depends on
+``flush_left`` / ``flush_right`` take numpy or JAX arrays (or nested lists) and return JAX arrays for JAX inputs,
+numpy arrays otherwise. Their output width depends on
 the data (all-zero columns are cut), so they run eagerly on concrete arrays, not under ``jit``; inside a jitted
 program use a fixed width (e.g. ``trl_jax.ops.padding``).
 """
@@ -23,11 +24,10 @@ def _as_numpy(x, name):
 
 
 def _like(template, a):
-    if isinstance(template, np.ndarray):
-        return a
-    import jax.numpy as jnp
+    """JAX arrays in, JAX arrays out; anything else (numpy, lists) gives numpy."""
+    import jax
 
-    return jnp.asarray(a)
+    return jax.numpy.asarray(a) if isinstance(template, jax.Array) else a
 
 
 def _roll_rows(mask, tensors, shift, name):
