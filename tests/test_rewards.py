@@ -140,3 +140,18 @@ def test_exact_and_digit_match_rewards():
         R.digit_match_reward(["1"])
     assert R.resolve_reward_funcs(["digit_match_reward", "exact_match_reward"]) == [R.digit_match_reward,
                                                                                    R.exact_match_reward]
+
+
+def test_positional_calls_as_in_trl_docstrings():
+    sols = [r"\frac{1}{3}", r"\frac{1}{3}"]
+    comps = [[{"content": r"\boxed{\frac{1}{3}}"}], [{"content": r"\boxed{\frac{1}{2}}"}]]
+    assert R.accuracy_reward(comps, sols) == trl_rewards.accuracy_reward(comps, sols) == [1.0, 0.0]
+    ids = [[1] * 50, [1] * 50]
+    assert R.get_cosine_scaled_reward(max_len=100)(comps, sols, ids) == \
+        trl_rewards.get_cosine_scaled_reward(max_len=100)(comps, sols, ids) == [0.75, -0.75]
+    think = [[{"content": r"<think>r</think> \boxed{\frac{1}{3}}"}], [{"content": r"<think>\boxed{\frac{1}{3}}"}]]
+    assert R.reasoning_accuracy_reward(think, sols, ["</think>"]) == \
+        trl_rewards.reasoning_accuracy_reward(think, sols, ["</think>"]) == [1.0, 0.0]
+    # a dataset with both columns: TRL's functions read `solution`
+    assert R.accuracy_reward([r"\boxed{2}"], solution=["2"], answer=["3"]) == [1.0]
+    assert R.exact_match_reward(["3"], solution=["2"], answer=["3"]) == [1.0]

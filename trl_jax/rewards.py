@@ -75,8 +75,9 @@ def is_math_verify_available() -> bool:
     return importlib.util.find_spec("math_verify") is not None
 
 
-def _gold_column(answer, solution, kwargs, func_name):
-    gold = solution if answer is None else answer
+def _gold_column(answer, solution, kwargs, func_name, prefer="answer"):
+    first, second = (answer, solution) if prefer == "answer" else (solution, answer)
+    gold = second if first is None else first
     if gold is None:
         raise ValueError(
             f"{func_name} needs an `answer` or `solution` column in the dataset (the reference answer of each "
@@ -154,7 +155,7 @@ def _math_verify_scores(contents, gold, log_extra=None) -> list[float | None]:
     return rewards
 
 
-def accuracy_reward(completions, answer=None, solution=None, log_extra=None, **kwargs) -> list[float | None]:
+def accuracy_reward(completions, solution=None, log_extra=None, answer=None, **kwargs) -> list[float | None]:
     r"""TRL's ``accuracy_reward``: 1.0 when the completion's answer is mathematically equal to the reference.
 
     With ``math_verify`` installed this is TRL 1.16's rule exactly: the reference is parsed by ``math_verify``
@@ -164,16 +165,16 @@ def accuracy_reward(completions, answer=None, solution=None, log_extra=None, **k
     both parses. Without ``math_verify`` it falls back to :func:`exact_match_reward` (string equality after
     stripping whitespace and any ``<think>`` block).
 
-    The reference comes from the ``answer`` column, else ``solution`` (TRL's name). Completions may be strings or
-    TRL's ``[{"role": "assistant", "content": ...}]``.
+    The reference comes from the ``solution`` column (TRL's name; TRL's positional order), else ``answer``.
+    Completions may be strings or TRL's ``[{"role": "assistant", "content": ...}]``.
     """
-    gold = _gold_column(answer, solution, kwargs, "accuracy_reward")
+    gold = _gold_column(answer, solution, kwargs, "accuracy_reward", prefer="solution")
     if not is_math_verify_available():
         return exact_match_reward(completions, answer=gold)
     return _math_verify_scores([completion_text(c) for c in completions], list(gold), log_extra)
 
 
-def reasoning_accuracy_reward(completions, answer=None, solution=None, reasoning_delimiters=None, log_extra=None,
+def reasoning_accuracy_reward(completions, solution=None, reasoning_delimiters=None, log_extra=None, answer=None,
                               **kwargs) -> list[float | None]:
     """TRL's ``reasoning_accuracy_reward``: :func:`accuracy_reward` on the text after the reasoning.
 
@@ -181,7 +182,7 @@ def reasoning_accuracy_reward(completions, answer=None, solution=None, reasoning
     ``["</think>"]``) found in the completion; a completion without any delimiter gets 0.0 (incomplete reasoning
     is penalised, not skipped). Without ``math_verify``, the answer part is compared by exact match.
     """
-    gold = _gold_column(answer, solution, kwargs, "reasoning_accuracy_reward")
+    gold = _gold_column(answer, solution, kwargs, "reasoning_accuracy_reward", prefer="solution")
     if reasoning_delimiters is None:
         reasoning_delimiters = ["</think>"]
     contents: list[str | None] = []
@@ -220,11 +221,12 @@ class _CosineScaledReward:
         self.min_value_correct = min_value_correct
         self.max_value_correct = max_value_correct
 
-    def __call__(self, completions, answer=None, solution=None, completion_ids=None, **kwargs):
+    def __call__(self, completions, solution=None, completion_ids=None, answer=None, **kwargs):
         if completion_ids is None:
             raise ValueError("cosine_scaled_reward needs `completion_ids` (the trainers pass them; pass the token ids "
                              "of each completion when calling it directly).")
-        is_correct = accuracy_reward(completions, answer=answer, solution=solution, **kwargs)
+        gold = _gold_column(answer, solution, kwargs, "cosine_scaled_reward", prefer="solution")
+        is_correct = accuracy_reward(completions, solution=gold, **kwargs)
         rewards: list[float | None] = []
         for correct, ids in zip(is_correct, completion_ids, strict=True):
             if correct is None:
