@@ -41,7 +41,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import numpy as np
 
 # Keys that are bookkeeping, not training numbers (never compared, but reported when only one side has them).
-BOOKKEEPING = {"epoch", "step", "train_tokens_per_second"}
+BOOKKEEPING = {"epoch", "step", "train_tokens_per_second", "skipped_updates"}  # skipped_updates: trl_jax only
 # Keys logged only at the end of TRL's run / trl_jax's run (summary rows), excluded from the per-step comparison.
 SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss",
                 "global_step"}

@@ -81,20 +81,18 @@ def test_sft_data_parallel_parity(model_dir, tmp_path_factory):
 
 
 def test_dpo_adamw_parity(model_dir, tmp_path_factory):
-    # rewards/accuracies from step 2: see test_dpo_step1_rewards_accuracies_tie.
-    cmp = _assert_parity(*_run("dpo-adamw", model_dir, tmp_path_factory), from_step2=("rewards/accuracies",))
+    cmp = _assert_parity(*_run("dpo-adamw", model_dir, tmp_path_factory))
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "logits/chosen", "logits/rejected"} <= set(cmp.max_rel)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trl_jax bug: at step 1 policy == reference, TRL's rewards are exactly 0 so rewards/accuracies (strict >) is "
-    "0.0; trl_jax computes the policy (under value_and_grad) and the reference forward as different XLA programs, "
-    "so its rewards are +-1e-8 noise and accuracies is a coin flip (0.5 here). Known difference, see the README "
-    "(Differences from TRL); this test starts failing (strict xfail) once it is fixed."))
+# At step 1 policy == reference: TRL's rewards are exactly 0, so rewards/accuracies (a strict >) is 0.0. trl_jax
+# must tie exactly too (one computation for both while the weights are equal), not by luck of XLA's rounding.
 def test_dpo_step1_rewards_accuracies_tie(model_dir, tmp_path_factory):
     trl_logs, jax_logs = _run("dpo-adamw", model_dir, tmp_path_factory)
     assert trl_logs[0]["rewards/margins"] == 0.0
+    assert jax_logs[0]["rewards/margins"] == 0.0
+    assert jax_logs[0]["rewards/chosen"] == 0.0 and jax_logs[0]["rewards/rejected"] == 0.0
     assert jax_logs[0]["rewards/accuracies"] == trl_logs[0]["rewards/accuracies"]
 
 

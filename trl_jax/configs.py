@@ -39,6 +39,7 @@ __all__ = [
     "TORCH_ONLY_FIELDS",
     "NOT_SUPPORTED_FIELDS",
     "JAX_FIELDS",
+    "GENERATION_JAX_FIELDS",
     "TrainingArgumentsJax",
     "BaseConfig",
     "SFTConfig",
@@ -143,6 +144,7 @@ JAX_FIELDS: tuple[str, ...] = (
     "mesh_axis_names",
     "param_dtype",
     "compute_dtype",
+    "ref_param_dtype",
     "remat_policy",
     "scan_layers",
     "logprob_chunk_size",
@@ -150,6 +152,19 @@ JAX_FIELDS: tuple[str, ...] = (
     "overwrite_output_dir",
     "max_consecutive_nonfinite_updates",
 )
+
+# Fields that trl_jax adds to the configs of the trainers that generate (GRPOConfig, OnlineDPOConfig) only.
+GENERATION_JAX_FIELDS: tuple[str, ...] = ("decode_layout", "decode_block_size")
+# `decode_layout` values: the policy cast to the compute dtype and resharded for decoding (see
+# trl_jax.generation.prepare_decode_params), or None to sample with the training params as they are.
+DECODE_LAYOUT_CHOICES: tuple = ("auto", "replicated", "tensor", None)
+
+
+def _check_generation_fields(cfg) -> None:
+    _check_choice("decode_layout", cfg.decode_layout, DECODE_LAYOUT_CHOICES)
+    if isinstance(cfg.decode_block_size, bool) or not isinstance(cfg.decode_block_size, int) \
+            or cfg.decode_block_size < 1:
+        raise ValueError(f"`decode_block_size` must be a positive int, got {cfg.decode_block_size!r}.")
 
 # `loss_type` values each trainer accepts (TRL 1.16's lists; trl_jax.losses implements each of them).
 DPO_LOSS_TYPES: tuple[str, ...] = (
@@ -306,7 +321,12 @@ class TrainingArgumentsJax(_ConfigMixin):
         mesh_axis_names (`tuple[str, ...]`, defaults to `("data", "fsdp", "tensor")`).
         param_dtype (`str`, defaults to `"float32"`): dtype the parameters (and optimizer moments) are stored in.
         compute_dtype (`str`, *optional*): activation dtype; `None` = `bfloat16` if `bf16`, `float16` if `fp16`,
-            else `float32` (resolved in `__post_init__`).
+            else `float32` (resolved in `__post_init__`). With a `compute_dtype` narrower than `param_dtype` every
+            matmul of the forward and backward pass (LM head included) runs in it with fp32 accumulation, on a cast
+            copy of the fp32 master weights.
+        ref_param_dtype (`str`, *optional*): dtype the frozen reference model (DPO, KTO, GRPO with `beta > 0`,
+            online DPO) is stored in; `None` = `compute_dtype` (TRL holds the reference in the model's dtype).
+            Set `"float32"` to keep an fp32 reference under `bf16`.
         remat_policy (`str`, *optional*): `jax.checkpoint` policy per decoder layer; `None` = `"nothing_saveable"`
             when `gradient_checkpointing` else `"none"`. One of `_REMAT_POLICIES`.
         scan_layers (`bool`, defaults to `False`): run the decoder layers with `jax.lax.scan` (faster compile).
@@ -441,6 +461,7 @@ class TrainingArgumentsJax(_ConfigMixin):
     mesh_axis_names: tuple[str, ...] = ("data", "fsdp", "tensor")
     param_dtype: str = "float32"
     compute_dtype: str | None = None
+    ref_param_dtype: str | None = None
     remat_policy: str | None = None
     scan_layers: bool = False
     logprob_chunk_size: int = 256
@@ -533,6 +554,10 @@ class TrainingArgumentsJax(_ConfigMixin):
             self.compute_dtype = "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
         if self.compute_dtype not in _DTYPES:
             raise ValueError(f"`compute_dtype` must be one of {_DTYPES}, got {self.compute_dtype!r}.")
+        if self.ref_param_dtype is None:
+            self.ref_param_dtype = self.compute_dtype
+        if self.ref_param_dtype not in _DTYPES:
+            raise ValueError(f"`ref_param_dtype` must be one of {_DTYPES}, got {self.ref_param_dtype!r}.")
         if self.remat_policy is None:
             self.remat_policy = "nothing_saveable" if self.gradient_checkpointing else "none"
         if self.remat_policy not in _REMAT_POLICIES:
@@ -778,10 +803,19 @@ class KTOConfig(BaseConfig):
 
 @dataclass
 class GRPOConfig(BaseConfig):
-    """Fields and defaults of `trl.GRPOConfig` (1.16) + `JAX_FIELDS`.
+    """Fields and defaults of `trl.GRPOConfig` (1.16) + `JAX_FIELDS` + `GENERATION_JAX_FIELDS`.
 
     `generation_batch_size` / `steps_per_generation` are resolved as TRL does, with `world_size` = data-parallel
     devices (see `TrainingArgumentsJax.world_size`).
+
+    Parameters added by trl_jax (sampling):
+        decode_layout (`str` or `None`, defaults to `"auto"`): how the policy is laid out while sampling. Once per
+            generation batch the params are cast to the compute dtype and resharded: `"replicated"` (every device
+            holds the whole model; the decode batch is split over every mesh axis), `"tensor"` (tensor-parallel over
+            every mesh axis but `data`), `"auto"` (replicated when it takes at most 30% of a device's memory, else
+            tensor); `None` samples with the training params as they are (fp32 master weights, training sharding).
+        decode_block_size (`int`, defaults to `128`): the first decode segment's length; the KV cache grows by
+            doubling segments so decode attention costs follow the tokens generated so far.
     """
 
     learning_rate: float = 1e-06
@@ -863,9 +897,12 @@ class GRPOConfig(BaseConfig):
     transformers_continuous_batching_config: dict | str | None = None
     use_transformers_paged: bool = False
     vllm_importance_sampling_cap: float | None = None
+    decode_layout: str | None = "auto"
+    decode_block_size: int = 128
 
     def __post_init__(self):
         super().__post_init__()
+        _check_generation_fields(self)
         if self.use_transformers_paged:
             self.use_transformers_continuous_batching = True
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
@@ -912,7 +949,16 @@ class GRPOConfig(BaseConfig):
 
 @dataclass
 class OnlineDPOConfig(BaseConfig):
-    """Fields and defaults of `trl.experimental.online_dpo.OnlineDPOConfig` (1.16) + `JAX_FIELDS`."""
+    """Fields and defaults of `trl.experimental.online_dpo.OnlineDPOConfig` (1.16) + `JAX_FIELDS` +
+    `GENERATION_JAX_FIELDS`.
+
+    Parameters added by trl_jax (sampling):
+        decode_layout (`str` or `None`, defaults to `"auto"`): how the policy is laid out while sampling:
+            `"auto"`, `"replicated"`, `"tensor"` (cast to the compute dtype and resharded once per batch) or `None`
+            (the training params as they are); see `GRPOConfig.decode_layout`.
+        decode_block_size (`int`, defaults to `128`): the first decode segment's length (the KV cache grows by
+            doubling segments).
+    """
 
     learning_rate: float = 5e-07
     remove_unused_columns: bool = False
@@ -946,9 +992,12 @@ class OnlineDPOConfig(BaseConfig):
     model_init_kwargs: dict[str, Any] | str | None = None
     trust_remote_code: bool = False
     reward_weights: list[float] | None = None
+    decode_layout: str | None = "auto"
+    decode_block_size: int = 128
 
     def __post_init__(self):
         super().__post_init__()
+        _check_generation_fields(self)
         if hasattr(self.beta, "__len__") and len(self.beta) == 1:
             self.beta = self.beta[0]
         _check_choice("loss_type", self.loss_type, ONLINE_DPO_LOSS_TYPES)

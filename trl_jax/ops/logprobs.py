@@ -5,14 +5,18 @@ Three entry points, all jit-compatible and differentiable, all returning fp32 wh
 * :func:`selective_log_softmax` — ``log_softmax(logits)[index]`` from materialised logits ``[..., V]``, computed
   as ``logits[index] - logsumexp(logits)``. By default (``chunk_size=None``) this is one expression that XLA fuses
   into a single reduction pass: the fp32 upcast happens in registers and no ``[..., V]`` temporary exists, in the
-  forward or the backward pass (checked with XLA's memory analysis). With ``chunk_size=k`` the rows are processed
-  ``k`` at a time (a ``lax.scan`` whose body is rematerialised), which bounds the temporaries to ``O(k * V)`` even
-  where a backend declines to fuse. Caveat: XLA:CPU has no native bf16 arithmetic and upcasts whole bf16 arrays,
+  forward or the backward pass (checked with XLA's memory analysis). With ``chunk_size=k`` the sequence is processed
+  in chunks of about ``k / B`` positions holding every batch row (a ``lax.scan`` whose body is rematerialised),
+  which bounds the temporaries to ``O(k * V)`` even where a backend declines to fuse. Caveat: XLA:CPU has no native bf16 arithmetic and upcasts whole bf16 arrays,
   so bf16 logits on CPU cost one fp32 copy either way; fp32 on CPU and bf16 on GPU/TPU do not.
 * :func:`entropy_from_logits` — Shannon entropy (nats) per row, same two modes.
 * :func:`fused_log_probs` — log-probs (and optionally entropies) straight from final hidden states ``[B, T, D]``
   and the LM-head weight ``[D, V]``: token chunks of ``hidden @ W`` are formed, reduced and dropped, so neither the
   forward nor the backward pass ever holds ``[B, T, V]``. Gradients equal the unfused computation.
+
+Sharding: chunks run along the sequence, never across batch rows, so under a mesh each device scores only its
+own rows; under :func:`trl_jax.parallel.activation_sharding` the LM-head weight is gathered over ``fsdp`` once
+(weights move, not logits) and the vocabulary stays split over ``tensor``.
 
 TRL returns bf16 log-probs for bf16 logits; we always reduce in fp32, which is more accurate and is what TRL's
 chunked/fused kernels do.
@@ -25,6 +29,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from jax.sharding import PartitionSpec
+
+from trl_jax.parallel.rules import activation_sharding, active_mesh, active_spec, constrain
 
 DEFAULT_TOKEN_CHUNK = 1024
 
@@ -49,34 +57,59 @@ def _check_temperature(temperature: float) -> None:
 
 
 def _log_softmax_stats(z: jax.Array, index: jax.Array, want_entropy: bool):
-    """``z [C, V]`` fp32, ``index [C, K]`` -> (selected log-probs ``[C, K]``, entropy ``[C]`` or None)."""
+    """``z [..., V]`` fp32, ``index [..., K]`` -> (selected log-probs ``[..., K]``, entropy ``[...]`` or None)."""
     lse = jax.nn.logsumexp(z, axis=-1)
     # lse = max + log(sum(exp(z - max))) with the sum >= 1, so lse >= z[index] holds in floating point too and
     # every log-prob is <= 0 without clamping (a clamp would halve gradients at exactly 0).
-    selected = jnp.take_along_axis(z, index, axis=-1) - lse[:, None]
-    entropy = None
-    if want_entropy:
-        p = jnp.exp(z - lse[:, None])
-        entropy = lse - jnp.sum(p * z, axis=-1)
+    selected = jnp.take_along_axis(z, index, axis=-1) - lse[..., None]
+    entropy = _entropy(z, lse) if want_entropy else None
     return selected, entropy
 
 
-def _chunked_over_rows(fn, arrays, n: int, chunk_size: int):
-    """Apply ``fn`` (rematerialised) to row chunks of ``arrays`` (each ``[n, ...]``) and stitch the outputs."""
-    chunk, padded = _chunk_rows(n, chunk_size)
-    if padded != n:
-        arrays = [jnp.pad(a, [(0, padded - n)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
-    stacked = [a.reshape((padded // chunk, chunk) + a.shape[1:]) for a in arrays]
-    body = _remat(lambda carry, xs: (carry, fn(*xs)))
-    _, out = jax.lax.scan(body, None, stacked)
-    return jax.tree.map(lambda o: o.reshape((padded,) + o.shape[2:])[:n], out)
+def _entropy(z: jax.Array, lse: jax.Array) -> jax.Array:
+    """``-sum(p * log p)`` over the last axis with ``log p = z - lse``: summing ``p * (z - lse)`` keeps the
+    precision that ``lse - sum(p * z)`` loses to cancellation when the logits are large."""
+    logp = z - lse[..., None]
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def _rows(fn, arrays, n: int, chunk_size: int | None):
-    """``fn`` over all rows at once (``chunk_size=None``: XLA fuses it) or over row chunks."""
-    if chunk_size is None:
-        return fn(*arrays)
-    return _chunked_over_rows(fn, arrays, n, chunk_size)
+def _batch_time(lead: tuple[int, ...]) -> tuple[int, int]:
+    """Leading shape -> ``(B, T)``: the last leading axis is the sequence, the ones before it the batch."""
+    if len(lead) >= 2:
+        return math.prod(lead[:-1]), lead[-1]
+    return 1, math.prod(lead)
+
+
+def _chunked_over_tokens(fn, arrays, chunk_size: int, batch_axes=("activation_batch",)):
+    """Apply ``fn`` (rematerialised) to sequence chunks of ``arrays`` (each ``[B, T, ...]``) and stitch the outputs.
+
+    The batch axis is never split or flattened into the chunk: every chunk holds all ``B`` rows and ``~chunk_size
+    / B`` positions, so on a mesh whose batch axes split ``B`` each device computes only its own rows (1/N of
+    the work), and a chunk's temporaries are ``O(chunk_size * V)`` globally. ``fn`` maps ``[B, tc, ...]`` chunks
+    to a tuple of ``[B, tc, ...]`` outputs.
+    """
+    b, t = arrays[0].shape[:2]
+    tc, padded = _chunk_rows(t, max(1, chunk_size // max(b, 1)))
+    if padded != t:
+        arrays = [jnp.pad(a, [(0, 0), (0, padded - t)] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
+    n = padded // tc
+
+    def body(carry, i):
+        xs = [jax.lax.dynamic_slice_in_dim(a, i * tc, tc, axis=1) for a in arrays]
+        xs = [constrain(x, tuple(batch_axes) + (None,) * (x.ndim - 1)) for x in xs]
+        return carry, fn(*xs)
+
+    _, out = jax.lax.scan(_remat(body), None, jnp.arange(n))
+    return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 1).reshape((b, padded) + o.shape[3:])[:, :t], out)
+
+
+def _rows(fn, arrays, lead: tuple[int, ...], chunk_size: int | None):
+    """``fn`` over all positions at once (``chunk_size=None``: XLA fuses it) or over sequence chunks; ``arrays``
+    are ``[*lead, ...]`` and ``fn`` maps ``[B, t, ...]`` blocks to a tuple of ``[B, t, ...]`` outputs."""
+    b, t = _batch_time(lead)
+    arrays = [a.reshape((b, t) + a.shape[len(lead):]) for a in arrays]
+    out = fn(*arrays) if chunk_size is None else _chunked_over_tokens(fn, arrays, chunk_size)
+    return jax.tree.map(lambda o: o.reshape(lead + o.shape[2:]), out)
 
 
 def selective_log_softmax(
@@ -94,7 +127,8 @@ def selective_log_softmax(
       index: ``[...]`` int (one token per row) or ``[..., K]`` int (K tokens per row, e.g. top-K).
       temperature: logits are divided by it first (GRPO samples at a temperature).
       row_mask: optional ``[...]`` / ``[..., K]`` mask shaped like ``index``; masked entries return 0.
-      chunk_size: ``None`` for one fused pass (default), or rows (flattened leading positions) per chunk.
+      chunk_size: ``None`` for one fused pass (default), or tokens per chunk: the last leading axis is split
+        into chunks of ``~chunk_size / B`` positions, the leading axes before it (the batch) are kept whole.
 
     Returns:
       fp32 log-probs shaped like ``index``; every entry <= 0.
@@ -108,15 +142,12 @@ def selective_log_softmax(
             f"index shape {index.shape} does not match logits leading shape {logits.shape[:-1]}; pass index as "
             "[...] or [..., K] with the logits' leading dimensions"
         )
-    lead, vocab, k = logits.shape[:-1], logits.shape[-1], index.shape[-1]
-    n = math.prod(lead)
-    flat_logits = logits.reshape(n, vocab)
-    flat_index = index.reshape(n, k).astype(jnp.int32)
+    lead = logits.shape[:-1]
 
     def fn(z, idx):
         return _log_softmax_stats(z.astype(jnp.float32) / temperature, idx, want_entropy=False)[0]
 
-    out = _rows(fn, [flat_logits, flat_index], n, chunk_size).reshape(lead + (k,))
+    out = _rows(fn, [logits, index.astype(jnp.int32)], lead, chunk_size)
     if squeeze:
         out = out[..., 0]
     if row_mask is not None:
@@ -127,18 +158,15 @@ def selective_log_softmax(
 def entropy_from_logits(logits: jax.Array, *, temperature: float = 1.0, chunk_size: int | None = None) -> jax.Array:
     """Shannon entropy in nats of ``softmax(logits / temperature)`` per row: ``[..., V]`` -> ``[...]`` fp32.
 
-    ``chunk_size``: ``None`` for one fused pass, or rows per chunk (see the module docstring).
+    ``chunk_size``: ``None`` for one fused pass, or tokens per chunk (see the module docstring).
     """
     _check_temperature(temperature)
-    lead, vocab = logits.shape[:-1], logits.shape[-1]
-    n = math.prod(lead)
 
     def fn(z):
         z = z.astype(jnp.float32) / temperature
-        lse = jax.nn.logsumexp(z, axis=-1)
-        return lse - jnp.sum(jnp.exp(z - lse[:, None]) * z, axis=-1)
+        return _entropy(z, jax.nn.logsumexp(z, axis=-1))
 
-    return _rows(fn, [logits.reshape(n, vocab)], n, chunk_size).reshape(lead)
+    return _rows(fn, [logits], logits.shape[:-1], chunk_size)
 
 
 def selective_log_softmax_and_entropy(
@@ -153,21 +181,102 @@ def selective_log_softmax_and_entropy(
     _check_temperature(temperature)
     if index.shape != logits.shape[:-1]:
         raise ValueError(f"index shape {index.shape} must equal logits leading shape {logits.shape[:-1]}")
-    lead, vocab = logits.shape[:-1], logits.shape[-1]
-    n = math.prod(lead)
 
     def fn(z, idx):
-        sel, ent = _log_softmax_stats(z.astype(jnp.float32) / temperature, idx[:, None], want_entropy=True)
-        return sel[:, 0], ent
+        sel, ent = _log_softmax_stats(z.astype(jnp.float32) / temperature, idx[..., None], want_entropy=True)
+        return sel[..., 0], ent
 
-    logps, ent = _rows(
-        fn, [logits.reshape(n, vocab), index.reshape(n).astype(jnp.int32)], n, chunk_size
-    )
-    logps, ent = logps.reshape(lead), ent.reshape(lead)
+    logps, ent = _rows(fn, [logits, index.astype(jnp.int32)], logits.shape[:-1], chunk_size)
     if row_mask is not None:
         keep = jnp.asarray(row_mask, bool)
         logps, ent = jnp.where(keep, logps, 0.0), jnp.where(keep, ent, 0.0)
     return logps, ent
+
+
+
+def _vocab_stats(z, idx, temperature, vocab_axis, vocab_offset, *, entropy, top1, lsq):
+    """Per-token statistics of logits ``z [b, t, Vl]`` (fp32) at targets ``idx [b, t]`` (global ids).
+
+    ``vocab_axis``: the mesh axis the vocabulary is split over inside ``shard_map`` (``z`` holds the columns
+    ``[vocab_offset, vocab_offset + Vl)``), reduced with ``psum``/``pmax``; ``None`` for the whole vocabulary.
+    Returns a tuple: log-prob, then entropy, top-1 flag, ``log sum p^2`` as asked.
+    """
+    def psum(x):
+        return x if vocab_axis is None else jax.lax.psum(x, vocab_axis)
+
+    def pmax(x):
+        return x if vocab_axis is None else jax.lax.pmax(x, vocab_axis)
+
+    zt = z / temperature
+    m = jax.lax.stop_gradient(pmax(jnp.max(jax.lax.stop_gradient(zt), axis=-1)))
+    lse = m + jnp.log(psum(jnp.sum(jnp.exp(zt - m[..., None]), axis=-1)))
+    local = idx - vocab_offset
+    inside = (local >= 0) & (local < zt.shape[-1])
+    picked = jnp.take_along_axis(zt, jnp.clip(local, 0, zt.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    out = [psum(jnp.where(inside, picked, 0.0)) - lse]
+    if entropy:
+        logp = zt - lse[..., None]
+        out.append(psum(-jnp.sum(jnp.exp(logp) * logp, axis=-1)))
+    if top1:  # first maximum wins ties, as torch.argmax
+        zs = jax.lax.stop_gradient(z)
+        lmax = jnp.max(zs, axis=-1)
+        gmax = pmax(lmax)
+        first = jnp.argmax(zs, axis=-1).astype(jnp.int32) + vocab_offset
+        cand = jnp.where(lmax == gmax, first, jnp.iinfo(jnp.int32).max)
+        arg = cand if vocab_axis is None else jax.lax.pmin(cand, vocab_axis)
+        out.append(arg == idx)
+    if lsq:
+        z2 = 2.0 * zt
+        m2 = jax.lax.stop_gradient(pmax(jnp.max(jax.lax.stop_gradient(z2), axis=-1)))
+        out.append(m2 + jnp.log(psum(jnp.sum(jnp.exp(z2 - m2[..., None]), axis=-1))) - 2.0 * lse)
+    return tuple(out)
+
+
+def _pvary(x, axes):
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, tuple(axes), to="varying")
+    return jax.lax.pvary(x, tuple(axes))
+
+
+def _sharded_fused(logits_of, hidden, weight, targets, chunk_size, temperature, bspec, want):
+    """:func:`fused_log_probs`' chunk loop run per device with ``shard_map`` on the active mesh.
+
+    Each device scores its own batch rows (``hidden [B, T, D]`` split over the batch axes) against the LM-head
+    weight gathered over ``fsdp`` once (its vocabulary split over ``tensor``); the chunk loop and its gradient
+    accumulation are local, so the weight's gradient is reduced across devices once, not once per chunk.
+    """
+    mesh = active_mesh()
+    vspec = active_spec((None, "activation_vocab"), weight.shape)
+    vocab_axes = vspec[1] if len(vspec) > 1 else None
+    vocab_axes = None if vocab_axes is None else (vocab_axes if isinstance(vocab_axes, tuple) else (vocab_axes,))
+    baxes = bspec[0] if len(bspec) else None
+    baxes = () if baxes is None else (baxes if isinstance(baxes, tuple) else (baxes,))
+    n_batch = math.prod(mesh.shape[a] for a in baxes)
+    local_chunk = max(1, chunk_size // n_batch)
+    row_spec = PartitionSpec(baxes or None, None)
+
+    def local(h, w, idx):
+        offset = 0
+        if vocab_axes is not None:
+            shard = 0
+            for a in vocab_axes:
+                shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
+            offset = shard * w.shape[-1]
+        if baxes:
+            # one device-varying copy before the loop: the weight's gradient is then summed across the batch
+            # devices once, after the loop (a use inside the loop would psum every chunk's partial gradient)
+            w = _pvary(w, baxes)
+        with activation_sharding(None):
+            return _chunked_over_tokens(
+                lambda hc, ic: _vocab_stats(logits_of(hc, w), ic, temperature, vocab_axes, offset, **want),
+                [h, idx], local_chunk)
+
+    n_out = 1 + sum(bool(v) for v in want.values())
+    return jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(PartitionSpec(baxes or None, None, None), PartitionSpec(None, vocab_axes), row_spec),
+        out_specs=tuple([row_spec] * n_out),
+    )(hidden, weight, targets)
 
 
 def fused_log_probs(
@@ -216,29 +325,28 @@ def fused_log_probs(
             f"lm_head_weight must be [D, V] with D={hidden.shape[-1]}, got {lm_head_weight.shape}; "
             "transpose a tied [V, D] embedding"
         )
-    lead, dim = hidden.shape[:-1], hidden.shape[-1]
-    n = math.prod(lead)
+    lead = hidden.shape[:-1]
+    want = dict(entropy=return_entropy, top1=return_top1, lsq=return_log_sum_sq_probs)
 
-    def fn(h, idx):
-        z = jnp.dot(h.astype(lm_head_weight.dtype), lm_head_weight, preferred_element_type=jnp.float32)
+    def logits_of(h, w):
+        z = jnp.einsum("btd,dv->btv", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
         if logit_scale is not None:
             z = z * logit_scale
         if final_logit_softcapping is not None:
             z = final_logit_softcapping * jnp.tanh(z / final_logit_softcapping)
-        sel, ent = _log_softmax_stats(z / temperature, idx[:, None], want_entropy=return_entropy)
-        out = [sel[:, 0]]
-        if return_entropy:
-            out.append(ent)
-        if return_top1:
-            out.append(jnp.argmax(z, axis=-1) == idx)
-        if return_log_sum_sq_probs:
-            zt = z / temperature
-            out.append(jax.nn.logsumexp(2.0 * zt, axis=-1) - 2.0 * jax.nn.logsumexp(zt, axis=-1))
-        return tuple(out)
+        return z
 
-    out = _chunked_over_rows(fn, [hidden.reshape(n, dim), targets.reshape(n).astype(jnp.int32)], n, chunk_size)
-    keep = None if mask is None else jnp.asarray(mask, bool)
+    b, t = _batch_time(lead)
+    h3, idx2 = hidden.reshape(b, t, hidden.shape[-1]), targets.reshape(b, t).astype(jnp.int32)
+    bspec = active_spec(("activation_batch",), (b,))
+    if bspec is None:  # no mesh: one local chunk loop
+        out = _chunked_over_tokens(
+            lambda h, i: _vocab_stats(logits_of(h, lm_head_weight), i, temperature, None, 0, **want),
+            [h3, idx2], chunk_size)
+    else:
+        out = _sharded_fused(logits_of, h3, lm_head_weight, idx2, chunk_size, temperature, bspec, want)
     out = [o.reshape(lead) for o in out]
-    if keep is not None:
+    if mask is not None:
+        keep = jnp.asarray(mask, bool)
         out = [jnp.where(keep, o, jnp.zeros((), o.dtype)) for o in out]
     return out[0] if len(out) == 1 else tuple(out)

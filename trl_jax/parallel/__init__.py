@@ -4,6 +4,10 @@ from trl_jax.parallel.distributed import initialize_distributed, local_batch_sli
 from trl_jax.parallel.mesh import BATCH_AXES, MESH_AXES, batch_axes, batch_parallel_size, make_mesh
 from trl_jax.parallel.rules import (
     DEFAULT_RULES,
+    activation_sharding,
+    active_mesh,
+    active_spec,
+    constrain,
     fsdp_shardings,
     logical_to_shardings,
     logical_to_spec,
@@ -15,6 +19,10 @@ __all__ = [
     "BATCH_AXES",
     "DEFAULT_RULES",
     "MESH_AXES",
+    "activation_sharding",
+    "active_mesh",
+    "active_spec",
+    "constrain",
     "as_named",
     "batch_axes",
     "batch_parallel_size",

@@ -7,6 +7,8 @@ Model code names each parameter dimension with a logical name (``embed``, ``voca
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,6 +22,14 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_batch", ("data", "fsdp")),
     ("length", None),
     ("activation_length", None),
+    # activations inside the model: the model dimension is never split (fsdp moves weights, not activations),
+    # heads / MLP / vocab follow tensor parallelism
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_head_dim", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -148,3 +158,53 @@ def fsdp_shardings(params, mesh: Mesh, *, axis: str = "fsdp", min_size: int = 2*
 
 def as_mapping(rules: Rules | Mapping) -> dict:
     return dict(rules.items() if isinstance(rules, Mapping) else rules)
+
+
+# ----------------------------------------------------------------------------------- activation constraints
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("trl_jax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
+    """While tracing under this context, :func:`constrain` pins activations to ``mesh`` through ``rules``.
+
+    The step builders and the sampler enter it around the traced function, so model and log-prob code can name
+    the layout they want (``constrain(h, ("activation_batch", "activation_length", "activation_embed"))``)
+    without knowing the mesh. ``mesh=None`` (or no context) makes :func:`constrain` a no-op.
+    """
+    token = _ACTIVE.set(None if mesh is None else (mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing :func:`activation_sharding` context, or ``None``."""
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
+
+
+def active_spec(logical_axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The ``PartitionSpec`` that :func:`constrain` would pin an array of ``shape`` to, or ``None`` outside an
+    :func:`activation_sharding` context (for ``shard_map`` in/out specs)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    return logical_to_spec(tuple(logical_axes), rules, mesh=mesh, shape=tuple(shape))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical axis names under an active :func:`activation_sharding`; ``x``
+    unchanged otherwise. Mesh axes that do not divide a dimension are dropped (that dimension is replicated)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} for an array of rank "
+                         f"{x.ndim} (shape {x.shape}).")
+    spec = logical_to_spec(tuple(logical_axes), rules, mesh=mesh, shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -38,12 +38,17 @@ class TrainState:
         param_shardings=None,
         logical_axes=None,
         rules=DEFAULT_RULES,
+        donate: bool = False,
     ) -> "TrainState":
         """A fresh state (step 0, ``optimizer.init(params)``).
 
         With ``mesh``: the state is born sharded. Parameter shardings come from ``param_shardings`` (pytree of
         ``NamedSharding``/``PartitionSpec``) or ``logical_axes`` (pytree of logical-axis tuples, mapped through
         ``rules``), else replicated; optimizer moments follow their parameter, everything else is replicated.
+
+        ``donate=True`` hands ``params`` and ``ref_params`` over to the state (their buffers are reused where the
+        layout allows, so start-up holds params + optimizer state + reference and no identity copy); the caller
+        must not use the arrays it passed in afterwards.
         """
         rng = jax.random.PRNGKey(0) if rng is None else rng
         if jnp.issubdtype(jnp.result_type(rng), jax.dtypes.prng_key):
@@ -52,8 +57,9 @@ class TrainState:
         def build(p, r, rp):
             return cls(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p), rng=r, ref_params=rp)
 
+        donated = (0, 2) if donate else ()
         if mesh is None:
-            return jax.jit(build)(params, rng, ref_params)
+            return jax.jit(build, donate_argnums=donated)(params, rng, ref_params)
         if param_shardings is None:
             if logical_axes is not None:
                 param_shardings = logical_to_shardings(logical_axes, mesh, rules, shapes=params)
@@ -62,7 +68,7 @@ class TrainState:
         param_shardings = as_named(param_shardings, mesh)
         abstract = jax.eval_shape(build, params, rng, ref_params)
         shardings = train_state_shardings(abstract, mesh, param_shardings)
-        return jax.jit(build, out_shardings=shardings)(params, rng, ref_params)
+        return jax.jit(build, out_shardings=shardings, donate_argnums=donated)(params, rng, ref_params)
 
 
 def _path_key(path) -> tuple:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trl_jax.losses.base import LossTerms
 from trl_jax.parallel.mesh import batch_axes, batch_parallel_size
-from trl_jax.parallel.rules import DEFAULT_RULES, logical_to_shardings
+from trl_jax.parallel.rules import DEFAULT_RULES, activation_sharding, logical_to_shardings
 from trl_jax.parallel.sharding import as_named, batch_shardings, replicated
 from trl_jax.train.precision import cast_floating
 from trl_jax.train.state import TrainState, shardings_of, train_state_shardings
@@ -159,9 +159,13 @@ class TrainStep:
         self._jitted: dict = {}
 
     def _fn(self, state, batch):
-        new_rng, step_rng = jax.random.split(state.rng)
-        num, den, g, metrics = self.core.accumulate(state.params, batch, step_rng, state.ref_params)
-        return self.core.apply(state, new_rng, num, den, g, metrics)
+        # traced under the mesh's activation layout: model and log-prob code pin their activations by logical
+        # names (trl_jax.parallel.constrain), so every device computes only its batch rows / tensor shard
+        rules = self._logical[1] if self._logical is not None else DEFAULT_RULES
+        with activation_sharding(self.mesh, rules):
+            new_rng, step_rng = jax.random.split(state.rng)
+            num, den, g, metrics = self.core.accumulate(state.params, batch, step_rng, state.ref_params)
+            return self.core.apply(state, new_rng, num, den, g, metrics)
 
     def _build(self, state, batch):
         donate = (0,) if self.donate else ()

@@ -136,6 +136,7 @@ class BaseTrainer(abc.ABC):
             init_kwargs = getattr(args, "model_init_kwargs", None)
             if isinstance(init_kwargs, dict) and init_kwargs.get("dtype") in _DTYPES:
                 args.param_dtype = init_kwargs["dtype"]  # TRL: the dtype the weights are loaded in
+            self._owns_params = True
             m, params = from_pretrained(
                 os.fspath(model),
                 dtype=_dtype(args.compute_dtype),
@@ -285,18 +286,28 @@ class BaseTrainer(abc.ABC):
         args = self.args
         self.optimizer, self.lr_schedule = optimizer_from_args(args, num_training_steps=total_steps)
         rng = jax.random.PRNGKey(args.seed)
+        ref = self._ref_params_for_state()
+        # Weights the trainer loaded itself are handed over to the state (donated: no identity copy at start-up);
+        # weights a caller passed in as (model, params) stay valid for the caller.
+        owned = getattr(self, "_owns_params", False) and (ref is None or not getattr(self, "_ref_from_caller", False))
         self.state = TrainState.create(
-            self.params, self.optimizer, rng, self._ref_params_for_state(),
-            mesh=self.mesh, logical_axes=self.model.logical_axes(),
+            self.params, self.optimizer, rng, ref,
+            mesh=self.mesh, logical_axes=self.model.logical_axes(), donate=owned,
         )
         self.params = None  # owned by the state from now on (donated every step)
+        if owned and ref is not None:
+            self.ref_model_params = None
+        # Mixed precision: with a compute dtype narrower than the stored params, the step casts a compute-dtype
+        # copy of the weights (reference included) for the forward and backward pass, LM head included.
+        compute = _dtype(args.compute_dtype)
+        compute = None if compute is None or jnp.dtype(compute) == jnp.dtype(_dtype(args.param_dtype)) else compute
         self._train_step = make_train_step(
             self.loss_fn, self.optimizer, mesh=self.mesh,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
-            learning_rate_fn=self.lr_schedule,
+            learning_rate_fn=self.lr_schedule, compute_dtype=compute,
         )
-        self._eval_step = make_eval_step(self.loss_fn, mesh=self.mesh)
+        self._eval_step = make_eval_step(self.loss_fn, mesh=self.mesh, compute_dtype=compute)
 
     def _checkpointer(self) -> Checkpointer:
         return Checkpointer(os.path.join(self.args.output_dir, "checkpoints"), max_to_keep=self.args.save_total_limit)

@@ -26,7 +26,7 @@ from trl_jax.losses.base import LossTerms
 from trl_jax.losses.dpo import DPOTokenInputs, dpo_loss_terms_from_token_logps
 from trl_jax.ops import fused_log_probs
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
-from trl_jax.trainers.reference import ReferenceModelMixin
+from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
 _PAIRED = ("input_ids", "attention_mask", "completion_mask", "position_ids", "segment_ids")
 
@@ -133,9 +133,10 @@ class DPOTrainer(ReferenceModelMixin, BaseTrainer):
         else:
             if ref_params is None:
                 raise ValueError("DPO needs a reference: ref_params in the train state or precomputed ref log-probs.")
-            ref = sequence_token_stats(self.model, jax.lax.stop_gradient(ref_params), flat, args.logprob_chunk_size,
-                                       extras=False)
-            ref_lp = jax.lax.stop_gradient(ref["logps"])
+            ref_lp = reference_value(
+                pol["logps"],
+                lambda rp: sequence_token_stats(self.model, rp, flat, args.logprob_chunk_size, extras=False)["logps"],
+                params, ref_params)
             ref_kw = dict(ref_chosen_token_logps=ref_lp[:b], ref_rejected_token_logps=ref_lp[b:])
         m = pol["mask"]
         full = flat["completion_mask"].astype(jnp.float32)

@@ -46,7 +46,7 @@ from trl_jax.losses.grpo import grpo_advantages, grpo_loss, truncated_completion
 from trl_jax.ops import fused_log_probs
 from trl_jax.parallel import batch_parallel_size
 from trl_jax.trainers.base import BaseTrainer, prompt_columns, reject_unsupported
-from trl_jax.trainers.reference import ReferenceModelMixin
+from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
 _PROMPT_BUCKET = 8
 
@@ -370,18 +370,39 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         )
 
     def _sample(self, params, prompt_ids, prompt_mask, rng, *, num_generations: int = 1,
-                group_layout: str = "consecutive"):
+                group_layout: str = "consecutive", return_logprobs: bool = False):
         """Sample with the policy cast and resharded to its decode layout (``args.decode_layout``, default
-        ``"auto"``); rows that are ``num_generations`` copies of each prompt (checked here) share one prefill."""
+        ``"auto"``; ``None``: the params as given); rows that are ``num_generations`` copies of each prompt (checked
+        here) share one prefill. Returns numpy ``(completion_ids, completion_mask)``, plus the sampled tokens'
+        log-probs ``[B, C]`` fp32 (0 after EOS) with ``return_logprobs``. The phase's wall time (sampling dispatch
+        to the fetched tokens: prefill + decode) accumulates in ``self.phase_seconds["generate"]``."""
         from trl_jax.generation import generate, rows_grouped
 
+        t0 = time.perf_counter()
         g = num_generations if rows_grouped(prompt_ids, prompt_mask, num_generations, group_layout) else 1
         batch = self._device_batch({"ids": prompt_ids, "mask": prompt_mask})
-        out = generate(self.model, params, batch["ids"], batch["mask"], rng, mesh=self.mesh, return_logprobs=False,
-                       check_inputs=False, decode_layout=getattr(self.args, "decode_layout", "auto"),
-                       decode_block_size=int(getattr(self.args, "decode_block_size", 128)), num_generations=g,
+        out = generate(self.model, params, batch["ids"], batch["mask"], rng, mesh=self.mesh,
+                       return_logprobs=return_logprobs, check_inputs=False, decode_layout=self.args.decode_layout,
+                       decode_block_size=int(self.args.decode_block_size), num_generations=g,
                        group_layout=group_layout, **self._sampling_kwargs())
-        return np.asarray(jax.device_get(out.completion_ids)), np.asarray(jax.device_get(out.completion_mask))
+        fetched = jax.device_get((out.completion_ids, out.completion_mask) + ((out.logprobs,) if return_logprobs
+                                                                              else ()))
+        _add_phase(self, "generate", t0)
+        return tuple(np.asarray(x) for x in fetched)
+
+    def sampler_logps_are_exact(self) -> bool:
+        """Are the sampler's log-probs those of the training forward's distribution (``log_softmax(logits /
+        temperature)`` of the same params)? True unless a warper or penalty reshapes the sampling distribution
+        (``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``): the sampler's log-probs are then exactly TRL's
+        recomputed ``old_per_token_logps`` (up to floating-point association), and GRPO uses them instead of a second
+        forward pass (:attr:`reuse_sampler_logps`)."""
+        kw = self._sampling_kwargs()
+        return (kw["top_k"] is None and kw["top_p"] is None and kw["min_p"] in (None, 0.0)
+                and kw["repetition_penalty"] is None)
+
+    #: Use the sampler's log-probs as ``old_per_token_logps`` where TRL recomputes them at generation time and they
+    #: are the same distribution (:meth:`sampler_logps_are_exact`); False always recomputes them (TRL's code path).
+    reuse_sampler_logps = True
 
     def _token_logps(self, params, batch, *, entropy=False):
         """Per-token log-probs (and entropies) of the completion tokens: ``[R, C]`` fp32.
@@ -399,16 +420,24 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
             temperature=self.args.temperature, return_entropy=entropy, mask=batch["completion_mask"].astype(bool),
         )
 
-    def _old_logps(self, params, arrays):
+    def _dispatch_old_logps(self, params, arrays) -> list:
+        """Start the old-log-prob forward passes (one per micro-batch) without waiting: device arrays; fetch them
+        with :meth:`_fetch_old_logps` once the host work that runs meanwhile is done (JAX's async dispatch)."""
         if self._logps_jit is None:
             self._logps_jit = jax.jit(lambda p, b: self._token_logps(p, b))
         rows = self.micro_batch_rows
         keys = ("input_ids", "segment_ids", "completion_ids", "completion_mask")
-        out = []
-        for s in range(0, arrays["input_ids"].shape[0], rows):
-            chunk = {k: arrays[k][s:s + rows] for k in keys}
-            out.append(np.asarray(jax.device_get(self._logps_jit(params, self._device_batch(chunk))), np.float32))
-        return np.concatenate(out, axis=0)
+        return [self._logps_jit(params, self._device_batch({k: arrays[k][s:s + rows] for k in keys}))
+                for s in range(0, arrays["input_ids"].shape[0], rows)]
+
+    def _fetch_old_logps(self, pending: list) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = np.concatenate([np.asarray(x, np.float32) for x in jax.device_get(pending)], axis=0)
+        _add_phase(self, "old_logps_wait", t0)
+        return out
+
+    def _old_logps(self, params, arrays):
+        return self._fetch_old_logps(self._dispatch_old_logps(params, arrays))
 
     def _rows_for_generation(self, gen_index: int) -> list[dict]:
         u = self.generation_rows // self.num_generations
@@ -528,7 +557,7 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         if args.beta != 0.0:
             if ref_params is None:
                 raise ValueError("beta != 0 needs the reference model params in the train state.")
-            ref = jax.lax.stop_gradient(self._token_logps(jax.lax.stop_gradient(ref_params), batch))
+            ref = reference_value(logps, lambda rp: self._token_logps(rp, batch), params, ref_params)
         return grpo_loss(
             logps, batch.get("old_per_token_logps"), ref, batch["advantages"], batch["completion_mask"],
             loss_type=args.loss_type, epsilon=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,

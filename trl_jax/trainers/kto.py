@@ -24,7 +24,7 @@ from trl_jax.losses.base import LossTerms
 from trl_jax.losses.kto import kto_loss
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 from trl_jax.trainers.dpo import sequence_token_stats
-from trl_jax.trainers.reference import ReferenceModelMixin
+from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
 _SEQ = ("input_ids", "attention_mask", "completion_mask", "position_ids", "segment_ids")
 
@@ -118,10 +118,11 @@ class KTOTrainer(ReferenceModelMixin, BaseTrainer):
         pol = sequence_token_stats(self.model, params, _part(batch, ""), chunk, extras=True)
         policy_logps = _seq_sum(pol)
         kl_kwargs = {}
+        policy_kl = None
         if self._uses_kl:
-            policy_kl = _seq_sum(sequence_token_stats(self.model, jax.lax.stop_gradient(params), _part(batch, "KL_"),
-                                                      chunk, extras=False))
-            kl_kwargs["policy_KL_logps"] = jax.lax.stop_gradient(policy_kl)
+            policy_kl = jax.lax.stop_gradient(_seq_sum(sequence_token_stats(
+                self.model, jax.lax.stop_gradient(params), _part(batch, "KL_"), chunk, extras=False)))
+            kl_kwargs["policy_KL_logps"] = policy_kl
         if "ref_logps" in batch:
             ref_logps = batch["ref_logps"]
             if self._uses_kl:
@@ -129,12 +130,15 @@ class KTOTrainer(ReferenceModelMixin, BaseTrainer):
         else:
             if ref_params is None:
                 raise ValueError("KTO needs a reference: ref_params in the train state or precomputed ref log-probs.")
-            ref = jax.lax.stop_gradient(ref_params)
-            ref_logps = jax.lax.stop_gradient(_seq_sum(sequence_token_stats(self.model, ref, _part(batch, ""), chunk,
-                                                                            extras=False)))
+            ref_logps = reference_value(
+                policy_logps,
+                lambda rp: _seq_sum(sequence_token_stats(self.model, rp, _part(batch, ""), chunk, extras=False)),
+                params, ref_params)
             if self._uses_kl:
-                kl_kwargs["ref_KL_logps"] = jax.lax.stop_gradient(_seq_sum(
-                    sequence_token_stats(self.model, ref, _part(batch, "KL_"), chunk, extras=False)))
+                kl_kwargs["ref_KL_logps"] = reference_value(
+                    policy_kl,
+                    lambda rp: _seq_sum(sequence_token_stats(self.model, rp, _part(batch, "KL_"), chunk, extras=False)),
+                    params, ref_params)
         return kto_loss(
             policy_logps, ref_logps, batch["label"], beta=args.beta, loss_type=args.loss_type,
             desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,

@@ -50,7 +50,7 @@ from trl_jax.ops import fused_log_probs
 from trl_jax.ops.masking import masked_sum
 from trl_jax.trainers.base import BaseTrainer, prompt_columns, reject_unsupported
 from trl_jax.trainers.grpo import GRPOTrainer, _left_pad, _round_up
-from trl_jax.trainers.reference import ReferenceModelMixin
+from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
 _PROMPT_BUCKET = 8
 _PAIRED = ("input_ids", "segment_ids", "completion_ids", "completion_mask")
@@ -374,7 +374,7 @@ class OnlineDPOTrainer(BaseTrainer):
         mask = flat["completion_mask"].astype(bool)
         args = (flat["input_ids"], flat["segment_ids"], flat["completion_ids"], flat["completion_mask"])
         logps = self._token_logps(params, *args)
-        ref_logps = jax.lax.stop_gradient(self._token_logps(jax.lax.stop_gradient(ref_params), *args))
+        ref_logps = reference_value(logps, lambda rp: self._token_logps(rp, *args), params, ref_params)
         seq = masked_sum(logps, mask, axis=-1)
         ref_seq = masked_sum(ref_logps, mask, axis=-1)
         beta = batch["beta"][0]

@@ -4,10 +4,35 @@ TR-DPO-style syncing (``sync_ref_model``)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from trl_jax.parallel import batch_parallel_size
-from trl_jax.trainers.base import take_rows
+from trl_jax.train.precision import cast_floating
+from trl_jax.trainers.base import _dtype, take_rows
+
+
+def params_equal(a, b) -> jax.Array:
+    """Scalar bool: every leaf of ``a`` equals ``b``'s bit for bit (compared in the wider of the two dtypes)."""
+    def one(x, y):
+        wide = jnp.promote_types(x.dtype, y.dtype)
+        return jnp.array_equal(x.astype(wide), y.astype(wide))
+
+    leaves = [one(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def reference_value(policy_value, reference_fn, params, ref_params):
+    """The reference model's value (``reference_fn(ref_params)``, no gradient), or exactly the policy's own
+    ``policy_value`` while the two hold the same weights (the first step; a full ``sync_ref_model``).
+
+    TRL runs the policy and the reference through the same kernels, so at step 1 its rewards, KL and log-ratios
+    are exactly 0 and ties (``rewards/accuracies`` uses a strict ``>``) come out as TRL's. Two XLA programs (one
+    differentiated, one not) need not round identically, so here the tie is made exact by using one computation.
+    """
+    same = params_equal(params, ref_params)
+    ref = reference_fn(jax.lax.stop_gradient(ref_params))
+    return jax.lax.stop_gradient(jax.tree.map(lambda p, r: jnp.where(same, p, r), policy_value, ref))
 
 
 class ReferenceModelMixin:
@@ -17,12 +42,17 @@ class ReferenceModelMixin:
     def _resolve_ref_model(self, ref_model):
         """Reference params: a frozen copy of the initial weights (TRL reloads the same checkpoint), or
         ``ref_model`` given as a path / hub id or a ``(CausalLM, params)`` pair (same architecture)."""
+        dtype = _dtype(getattr(self.args, "ref_param_dtype", None) or self.args.compute_dtype)
         if ref_model is None:
-            return jax.tree.map(lambda x: x.copy(), self.params)
+            # held in `ref_param_dtype` (default: the compute dtype, as TRL holds it in the model's dtype): a
+            # bf16 reference costs half an fp32 copy
+            return jax.tree.map(lambda x: x.copy() if x.dtype == dtype or not jnp.issubdtype(x.dtype, jnp.floating)
+                                else x.astype(dtype), self.params)
         if isinstance(ref_model, tuple):
+            self._ref_from_caller = True
             return ref_model[1]
         _, params, _ = self._load_model(ref_model)
-        return params
+        return cast_floating(params, dtype)
 
     def _ref_params_for_state(self):
         return None if self.args.precompute_ref_log_probs else self.ref_model_params
