@@ -6,6 +6,7 @@
     trl-jax grpo --config configs/quickstart_grpo.yaml      # reward_funcs: [accuracy_reward, my_pkg.my_reward]
     trl-jax online-dpo --config configs/quickstart_online_dpo.yaml
     trl-jax env
+    trl-jax compare sft --config configs/quickstart_sft.yaml --steps 20 --out outputs/compare-sft   # vs TRL
 
 YAML keys are the fields of the trainer config (``SFTConfig`` ...), TRL's ``ModelConfig``
 (``model_name_or_path``, ``dtype``, ...), ``ScriptArguments`` (``dataset_name``, ``dataset_train_split``,
@@ -218,7 +219,7 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """The ``trl-jax`` entry point: returns the exit status (0, 1 runtime error, 2 config/usage error)."""
     parser = _Parser(prog="trl-jax", description="TRL's trainers in JAX.")
-    parser.add_argument("command", choices=TRAINERS + ("env",))
+    parser.add_argument("command", choices=TRAINERS + ("env", "compare"))
     parser.add_argument("--config", help="YAML run config (TRL format)")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
@@ -244,6 +245,10 @@ def _run(ns, extra) -> int:
     if ns.command == "env":
         print_env()
         return 0
+    if ns.command == "compare":  # trl-jax compare sft|dpo|kto --config x.yaml [--steps N] [--out DIR]
+        from trl_jax.compare import main as compare_main
+
+        return compare_main(extra + (["--config", ns.config] if ns.config else []))
     if ns.distributed or os.environ.get("TRL_JAX_DISTRIBUTED") == "1":
         from trl_jax.parallel import initialize_distributed
 

@@ -1,0 +1,709 @@
+"""``trl-jax compare``: run one TRL YAML config with TRL (PyTorch) and with trl_jax, side by side.
+
+    trl-jax compare sft --config configs/quickstart_sft.yaml --steps 20 --out outputs/compare-sft
+    trl-jax compare dpo --config my_dpo.yaml --model_name_or_path outputs/quickstart-sft   # --field value overrides
+
+Both sides get the same run: the same model directory (``builtin:`` models are materialised once as an HF
+directory both libraries load), the same training rows in the same order (``train_sampling_strategy`` is forced to
+``sequential``: TRL's ``SequentialSampler`` and trl_jax's sequential order agree; random shuffles would use
+different random streams), the same optimizer, schedule and hyperparameters (every field of the YAML that TRL's
+config also has), dropout off, ``logging_steps=1``, no saving, no evaluation. Each side trains in its own
+subprocess (so its peak memory is its own) on the devices this machine has: TRL on the first CUDA GPU if there is
+one (``CUDA_VISIBLE_DEVICES`` defaults to ``0`` so the HF Trainer does not wrap the model in ``DataParallel``), else
+the CPU; trl_jax on every accelerator it sees (data parallel, the global batch kept equal to TRL's when it divides)
+or on one CPU device.
+
+The report: a per-step table of every metric both sides log (TRL value, trl_jax value, absolute and relative
+difference), a verdict (every value within ``--rtol`` relative / ``--atol`` absolute near zero, or the first step
+and metrics that diverge), then throughput (tokens/s over the steps after ``--warmup``, the first step -- which
+holds compilation -- timed apart), peak memory (torch's allocator vs JAX ``memory_stats()`` on accelerators, the
+process's peak RSS on CPU) and the trl_jax/TRL ratios. ``DIR/compare.json`` holds every value;
+``DIR/compare.png`` the two loss curves and the objective's main metric on shared axes, plus a throughput bar.
+
+TRL and torch are not dependencies of trl_jax: ``pip install "trl-jax[compare]"`` (TRL, torch CPU, matplotlib).
+This module imports neither at import time; only the TRL worker subprocess does.
+
+Reusable pieces (also used by ``benchmarks/parity_trainers.py``): :func:`step_logs`, :func:`compare`,
+:class:`Comparison`, :func:`make_model_dir`, :func:`build_trl_trainer`, :func:`build_jax_trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from trl_jax.configs import UsageError
+
+COMMANDS = ("sft", "dpo", "kto")
+UNSUPPORTED = {
+    cmd: (f"not supported yet: {cmd} samples its completions during training, and TRL (torch) and trl_jax (JAX) draw "
+          "them from different random streams, so their per-step logs cannot be compared value by value; the "
+          "step loss on the same completions is checked by tests/test_trainer_grpo.py's parity test "
+          "(and tests/test_trainer_online_dpo.py). `trl-jax compare` supports " + ", ".join(COMMANDS) + ".")
+    for cmd in ("grpo", "online-dpo")
+}
+EXTRA_HINT = 'pip install "trl-jax[compare]"'
+# Keys that are bookkeeping, not training numbers (never compared, but reported when only one side has them).
+BOOKKEEPING = {"epoch", "step", "train_tokens_per_second", "skipped_updates"}  # skipped_updates: trl_jax only
+# Keys logged only at the end of TRL's run / trl_jax's run (summary rows), excluded from the per-step comparison.
+SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss",
+                "global_step"}
+# The objective's main metric, plotted next to the loss.
+MAIN_METRIC = {"sft": "mean_token_accuracy", "dpo": "rewards/margins", "kto": "rewards/margins",
+               "grpo": "reward", "online-dpo": "rewards/margins"}
+# Settings both sides are forced to (what makes the two runs comparable step by step).
+FORCED = {"logging_steps": 1, "train_sampling_strategy": "sequential", "save_strategy": "no", "eval_strategy": "no",
+          "report_to": "none", "disable_tqdm": True, "push_to_hub": False}
+
+_find_spec = importlib.util.find_spec  # module attribute, so tests can simulate a missing extra
+
+
+# ---------------------------------------------------------------------------------------------------- comparison
+def step_logs(history: list[dict]) -> list[dict]:
+    """Per-step log entries only (drop summary / eval rows)."""
+    return [h for h in history if "loss" in h and not (SUMMARY_KEYS & set(h))]
+
+
+@dataclass
+class Comparison:
+    """Per-key worst error over the steps, and the keys only one side logs."""
+
+    steps_trl: int
+    steps_jax: int
+    max_rel: dict = field(default_factory=dict)  # key -> max |a-b| / max(|b|, atol / rtol)
+    worst_step: dict = field(default_factory=dict)  # key -> 1-based step of max_rel
+    bad_steps: dict = field(default_factory=dict)  # key -> 1-based steps whose error exceeds rtol
+    only_trl: list = field(default_factory=list)
+    only_jax: list = field(default_factory=list)
+    curves: dict = field(default_factory=dict)  # key -> (trl values, jax values)
+
+    def failures(self, rtol: float = 1e-3) -> dict:
+        return {k: v for k, v in self.max_rel.items() if not v <= rtol}
+
+    def ok(self, rtol: float = 1e-3) -> bool:
+        return self.steps_trl == self.steps_jax and not self.failures(rtol) and not self.only_trl
+
+    def first_divergence(self, rtol: float = 1e-3) -> tuple[int, list[str]] | None:
+        """``(1-based step, keys over tolerance there)`` of the first step where a shared key diverges."""
+        bad = {k: s for k, s in self.bad_steps.items() if s}
+        if not bad:
+            return None
+        first = min(s[0] for s in bad.values())
+        return first, sorted(k for k, s in bad.items() if s[0] == first)
+
+
+def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, atol: float = 1e-6) -> Comparison:
+    """Step-by-step comparison of every numeric key both sides log (bookkeeping keys excluded).
+
+    Error of a value: ``|jax - trl| / max(|trl|, atol / rtol)`` -- relative, except near zero where ``atol``
+    applies (e.g. DPO rewards at step 1 are exactly 0 on both sides). ``NaN`` on both sides counts as equal."""
+    out = Comparison(len(trl_logs), len(jax_logs))
+    keys_trl = set().union(*(h.keys() for h in trl_logs)) - BOOKKEEPING if trl_logs else set()
+    keys_jax = set().union(*(h.keys() for h in jax_logs)) - BOOKKEEPING if jax_logs else set()
+    out.only_trl, out.only_jax = sorted(keys_trl - keys_jax), sorted(keys_jax - keys_trl)
+    for k in sorted(keys_trl & keys_jax):
+        a = np.array([_num(h.get(k)) for h in trl_logs])
+        b = np.array([_num(h.get(k)) for h in jax_logs])
+        n = min(len(a), len(b))
+        a, b = a[:n], b[:n]
+        both_nan = np.isnan(a) & np.isnan(b)
+        err = np.abs(b - a) / np.maximum(np.abs(a), atol / rtol)
+        err = np.where(both_nan, 0.0, err)
+        err = np.where(np.isnan(err), np.inf, err)
+        out.max_rel[k] = float(err.max()) if n else float("nan")
+        out.worst_step[k] = int(err.argmax()) + 1 if n else 0
+        out.bad_steps[k] = [int(i) + 1 for i in np.nonzero(~(err <= rtol))[0]]
+        out.curves[k] = (a.tolist(), b.tolist())
+    return out
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------- assets
+def make_model_dir(path: str, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
+                   initializer_range: float = 0.1, tie_word_embeddings: bool = False) -> str:
+    """Save a random fp32 PyTorch ``Qwen3ForCausalLM`` (``hidden_size``, ``num_layers``, no dropout) with trl_jax's
+    character tokenizer as an HF directory both sides load (needs torch: the ``compare`` extra)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from trl_jax.assets import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    heads = max(hidden_size // 8, 2)
+    cfg = Qwen3Config(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+        head_dim=8, max_position_embeddings=256, initializer_range=initializer_range,
+        tie_word_embeddings=tie_word_embeddings, attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- trainers
+def _trl_classes(kind: str):
+    import trl
+
+    if kind == "sft":
+        return trl.SFTConfig, trl.SFTTrainer
+    if kind == "dpo":
+        return trl.DPOConfig, trl.DPOTrainer
+    if kind == "kto":
+        from trl.trainer.kto_config import KTOConfig
+        from trl.trainer.kto_trainer import KTOTrainer
+
+        return KTOConfig, KTOTrainer
+    raise ValueError(f"kind must be one of {COMMANDS}, got {kind!r}")
+
+
+def build_trl_trainer(kind: str, model, args_kwargs: dict, dataset, processing_class=None, callbacks=None):
+    """TRL's ``SFTTrainer`` / ``DPOTrainer`` / ``KTOTrainer`` for ``args_kwargs`` (fields of its config), with every
+    dropout of the policy (and reference) model switched off."""
+    import torch
+
+    cfg_cls, trainer_cls = _trl_classes(kind)
+    args = cfg_cls(**args_kwargs)
+    if processing_class is None and isinstance(model, str):
+        from transformers import AutoTokenizer
+
+        processing_class = AutoTokenizer.from_pretrained(model)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processing_class,
+                          callbacks=callbacks)
+    for m in (getattr(trainer, "model", None), getattr(trainer, "ref_model", None)):
+        if m is None:
+            continue
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+            for name in ("attention_dropout", "dropout", "hidden_dropout"):
+                if isinstance(getattr(mod, name, None), float):
+                    setattr(mod, name, 0.0)
+    return trainer
+
+
+def build_jax_trainer(kind: str, model, args_kwargs: dict, dataset, callbacks=None):
+    """trl_jax's trainer of ``kind`` for ``args_kwargs`` (fields of its config)."""
+    from trl_jax.configs import DPOConfig, KTOConfig, SFTConfig
+    from trl_jax.trainers import DPOTrainer, KTOTrainer, SFTTrainer
+
+    cfg_cls, trainer_cls = {"sft": (SFTConfig, SFTTrainer), "dpo": (DPOConfig, DPOTrainer),
+                            "kto": (KTOConfig, KTOTrainer)}[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = cfg_cls(**args_kwargs)
+        return trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+class _Timer:
+    """Callback (both libraries call ``on_train_begin`` / ``on_log``): wall time of train start and of each step's
+    log (after ``sync``, e.g. ``torch.cuda.synchronize``; trl_jax's log already waits for the step's values)."""
+
+    def __init__(self, sync=None):
+        self.begin, self.times, self.sync = None, [], sync
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.begin = time.perf_counter()
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs and not (SUMMARY_KEYS & set(logs)):
+            if self.sync:
+                self.sync()
+            self.times.append(time.perf_counter())
+        return control
+
+
+def _load_run(spec: dict):
+    """trl_jax's parse of the user's config + overrides + forced settings (also used by the TRL worker: it gives
+    the coerced values, the model directory and the dataset both sides train on)."""
+    from trl_jax import configs
+
+    cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig}[spec["command"]]
+    return configs.load_config(spec["config"] or {}, cls, spec["overrides"])
+
+
+def _explicit_keys(spec: dict) -> set[str]:
+    keys = set(spec["overrides"])
+    if spec["config"]:
+        import yaml
+
+        with open(spec["config"], encoding="utf-8") as f:
+            keys |= set((yaml.safe_load(f) or {}).keys())
+    return keys
+
+
+def _dataset(run):
+    from trl_jax.cli import _datasets
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        train, _ = _datasets(run, split_names=False)
+    return train
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker_trl(spec: dict) -> dict:
+    import dataclasses
+
+    import torch
+    from transformers import TrainerCallback
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    run = _load_run(spec)
+    gpu = torch.cuda.is_available()
+    cfg_cls, _ = _trl_classes(spec["command"])
+    trl_fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    jax_args = run.args
+    # Every field the user set that TRL's config also has, with trl_jax's coerced value.
+    kw = {k: getattr(jax_args, k) for k in _explicit_keys(spec) if k in trl_fields and hasattr(jax_args, k)}
+    kw.update({k: v for k, v in FORCED.items() if k in trl_fields})
+    kw.update(output_dir=spec["out_dir"], max_steps=jax_args.max_steps, dataloader_num_workers=0, seed=jax_args.seed)
+    if isinstance(kw.get("warmup_steps"), float) and kw["warmup_steps"].is_integer():
+        kw["warmup_steps"] = int(kw["warmup_steps"])
+    dtype = run.model_args.dtype if run.model_args.dtype not in (None, "auto") else "float32"
+    kw["model_init_kwargs"] = {**(kw.get("model_init_kwargs") or {}), "dtype": getattr(torch, dtype)}
+    if not gpu:
+        kw["use_cpu"] = True
+    kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+    dataset = _dataset(run)
+    timer = _Timer(torch.cuda.synchronize if gpu else None)
+    cb = type("CompareTimer", (TrainerCallback,), {"on_train_begin": timer.on_train_begin, "on_log": timer.on_log})()
+    torch.manual_seed(jax_args.seed)
+    model_dir = run.model_args.model_name_or_path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = build_trl_trainer(spec["command"], model_dir, kw, dataset, callbacks=[cb])
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t_call = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    res = {"logs": step_logs(trainer.state.log_history), "t_call": t_call, "t_begin": timer.begin,
+           "times": timer.times, "peak_rss_mb": _rss_mb(),
+           "device": torch.cuda.get_device_name() if gpu else "cpu (torch, %d threads)" % torch.get_num_threads(),
+           "global_batch": kw.get("per_device_train_batch_size", 8) * kw.get("gradient_accumulation_steps", 1)}
+    if gpu:
+        res["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        res["memory_kind"] = "torch.cuda.max_memory_allocated"
+    else:
+        res["memory_kind"] = "peak host RSS"
+    return res
+
+
+def _worker_jax(spec: dict) -> dict:
+    import jax
+
+    from trl_jax import trainers as T
+
+    run = _load_run(spec)
+    args = run.args
+    args.output_dir = spec["out_dir"]
+    if run.model_args.dtype not in (None, "auto", "float32") and args.param_dtype == "float32":
+        args.param_dtype = run.model_args.dtype
+    note = ""
+    n = jax.device_count()
+    if args.mesh_shape is None:
+        if jax.default_backend() == "cpu" or n == 1:
+            args.mesh_shape = (1, 1, 1)  # one CPU device, like TRL's single process
+        elif args.per_device_train_batch_size % n == 0:
+            args.per_device_train_batch_size //= n  # same global batch as TRL, data parallel over every device
+        else:
+            args.mesh_shape = (1, 1, 1)
+            note = (f"batch {args.per_device_train_batch_size} does not divide over {n} devices: trl_jax ran on "
+                    "one device")
+    dataset = _dataset(run)
+    timer = _Timer()
+    trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[spec["command"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trainer_cls(run.model_args.model_name_or_path, args=args, train_dataset=dataset, callbacks=[timer])
+    t_call = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    devs = trainer.mesh.devices.flatten().tolist() if hasattr(trainer, "mesh") else jax.devices()[:1]
+    res = {"logs": step_logs(trainer.log_history), "t_call": t_call, "t_begin": timer.begin, "times": timer.times,
+           "peak_rss_mb": _rss_mb(), "device": f"{devs[0].device_kind} x{len(devs)} (jax {jax.default_backend()})",
+           "note": note}
+    peaks = []
+    for d in devs:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # noqa: BLE001 - backends without allocator statistics
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    if peaks:
+        res["peak_device_mb"] = max(peaks) / 2 ** 20
+        res["memory_kind"] = "jax memory_stats peak_bytes_in_use (max over devices)"
+    else:
+        res["memory_kind"] = "peak host RSS"
+    return res
+
+
+def _worker_main(side: str, spec_path: str, result_path: str) -> int:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+    res = (_worker_trl if side == "trl" else _worker_jax)(spec)
+    with open(result_path, "w", encoding="utf-8") as f:
+        json.dump(res, f, default=float)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def check_reference_installed() -> None:
+    """Raise a :class:`UsageError` naming the extra to install when TRL or torch cannot be imported."""
+    missing = [m for m in ("torch", "trl") if _find_spec(m) is None]
+    if missing:
+        raise UsageError(f"`trl-jax compare` runs the config with TRL too, but {' and '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not installed: {EXTRA_HINT} "
+                         "(TRL, torch and matplotlib).")
+
+
+def _throughput(res: dict, warmup: int) -> dict:
+    logs, times = res["logs"], res["times"]
+    out = {"first_step_s": (times[0] - res["t_begin"]) if times and res.get("t_begin") else None,
+           "train_call_to_first_log_s": (times[0] - res["t_call"]) if times else None}
+    n = min(len(logs), len(times))
+    w = min(max(warmup, 1), n - 1)
+    if n < 2 or w < 1:
+        out.update(tokens_per_s=None, samples_per_s=None, step_s=None, measured_steps=0)
+        return out
+    dt = times[n - 1] - times[w - 1]
+    out.update(step_s=dt / (n - w), measured_steps=n - w)
+    if "num_tokens" in logs[n - 1] and "num_tokens" in logs[w - 1]:
+        out["tokens_per_s"] = (logs[n - 1]["num_tokens"] - logs[w - 1]["num_tokens"]) / dt
+    else:
+        out["tokens_per_s"] = None
+    return out
+
+
+def _run_worker(side: str, spec: dict, out_dir: str, env: dict) -> dict:
+    spec_path = os.path.join(out_dir, f"{side}_spec.json")
+    result_path = os.path.join(out_dir, f"{side}_result.json")
+    log_path = os.path.join(out_dir, f"{side}.log")
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    t0 = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.run([sys.executable, "-m", "trl_jax.compare", "--worker", side, spec_path, result_path],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode or not os.path.exists(result_path):
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"the {side} run failed (exit {proc.returncode}); its log is {log_path}:\n{tail}")
+    with open(result_path, encoding="utf-8") as f:
+        res = json.load(f)
+    res["process_wall_s"] = wall
+    return res
+
+
+def _side_env(side: str, threads: int | None) -> dict:
+    env = dict(os.environ)
+    env.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if side == "trl":
+        env.setdefault("CUDA_VISIBLE_DEVICES", "0")  # one process, one GPU (no DataParallel): TRL's global batch
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        if side == "trl_jax" and threads == 1:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                "intra_op_parallelism_threads=1").strip()
+    return env
+
+
+def run_compare(command: str, config: str | None, overrides: dict | None = None, *, steps: int | None = None,
+                out_dir: str = "outputs/compare", rtol: float = 1e-3, atol: float = 1e-6, warmup: int | None = None,
+                threads: int | None = None, plot: bool = True, echo=print) -> dict:
+    """Run ``config`` with TRL and with trl_jax (each in a subprocess), compare, print, and write
+    ``out_dir/compare.json`` (+ ``compare.png``). Returns the JSON's dict (``result["ok"]``: the verdict)."""
+    if command in UNSUPPORTED:
+        raise UsageError(UNSUPPORTED[command])
+    if command not in COMMANDS:
+        raise UsageError(f"compare: unknown trainer {command!r}; choose one of {', '.join(COMMANDS)}.")
+    if config and not os.path.isfile(config):
+        raise UsageError(f"--config {config!r}: no such file.")
+    check_reference_installed()
+    overrides = dict(overrides or {})
+    if steps is not None:
+        overrides["max_steps"] = str(int(steps))
+    # Validate the config here (one-line usage errors before any subprocess) and resolve the model directory.
+    from trl_jax import configs
+    from trl_jax.cli import _model_id
+
+    cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig}[command]
+    try:
+        user_sampling = configs.load_config(config or {}, cls, overrides).args.train_sampling_strategy
+        run = configs.load_config(config or {}, cls, {**overrides, **FORCED})
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from e
+    model = _model_id(run)
+    from trl_jax.assets import resolve_model_path
+
+    model_dir = os.path.abspath(resolve_model_path(model)) if os.path.exists(model) or model.startswith(
+        "builtin:") else model
+    if run.args.max_steps is None or run.args.max_steps <= 0:
+        raise UsageError("compare needs a step count: set `max_steps` in the config or pass --steps N.")
+    n_steps = int(run.args.max_steps)
+    warmup = warmup if warmup is not None else max(1, min(3, n_steps // 4))
+    notes = []
+    if user_sampling not in (None, "sequential"):
+        notes.append(f"train_sampling_strategy {user_sampling!r} of the config replaced by 'sequential' on both "
+                     "sides (TRL and trl_jax shuffle with different random streams)")
+    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(out_dir)
+    base = {"command": command, "config": os.path.abspath(config) if config else None,
+            "overrides": {**overrides, **FORCED, "model_name_or_path": model_dir},
+            "threads": threads}
+    notes.append("both sides: train_sampling_strategy=sequential, logging_steps=1, no saving/evaluation, "
+                 "dropout off (forced)")
+    echo(f"[compare] {command}: {n_steps} steps of {config or '(overrides only)'} on {model_dir}")
+    sides = {}
+    for side in ("trl", "trl_jax"):
+        echo(f"[compare] running {'TRL (PyTorch)' if side == 'trl' else 'trl_jax (JAX)'} ...")
+        spec = {**base, "out_dir": os.path.join(out_dir, f"{side}-run")}
+        sides[side] = _run_worker(side, spec, out_dir, _side_env(side, threads))
+    cmp = compare(sides["trl"]["logs"], sides["trl_jax"]["logs"], rtol=rtol, atol=atol)
+    result = _summarise(command, config, cmp, sides, rtol=rtol, atol=atol, warmup=warmup, notes=notes,
+                        n_steps=n_steps)
+    if sides["trl_jax"].get("note"):
+        result["notes"].append(sides["trl_jax"]["note"])
+    echo(format_report(result))
+    json_path = os.path.join(out_dir, "compare.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1, default=float)
+    result["json_path"] = json_path
+    if plot:
+        png = os.path.join(out_dir, "compare.png")
+        try:
+            plot_compare(result, png)
+            result["png_path"] = png
+        except ImportError:
+            echo(f"[compare] matplotlib is not installed: no plot ({EXTRA_HINT})")
+    echo(f"[compare] wrote {json_path}" + (f" and {result['png_path']}" if "png_path" in result else ""))
+    return result
+
+
+def _summarise(command, config, cmp: Comparison, sides, *, rtol, atol, warmup, notes, n_steps) -> dict:
+    first = cmp.first_divergence(rtol)
+    ok = cmp.ok(rtol)
+    steps = []
+    trl_logs, jax_logs = sides["trl"]["logs"], sides["trl_jax"]["logs"]
+    for i in range(min(len(trl_logs), len(jax_logs))):
+        row = {"step": i + 1, "metrics": {}}
+        for k in sorted(cmp.max_rel):
+            a, b = _num(trl_logs[i].get(k)), _num(jax_logs[i].get(k))
+            d = abs(b - a)
+            rel = d / max(abs(a), atol / rtol) if not (math.isnan(a) and math.isnan(b)) else 0.0
+            row["metrics"][k] = {"trl": a, "trl_jax": b, "abs_diff": d, "rel_diff": rel,
+                                 "ok": bool(rel <= rtol)}
+        steps.append(row)
+    thr = {side: _throughput(sides[side], warmup) for side in sides}
+    t_trl, t_jax = thr["trl"].get("tokens_per_s"), thr["trl_jax"].get("tokens_per_s")
+    s_trl, s_jax = thr["trl"].get("step_s"), thr["trl_jax"].get("step_s")
+    mem = {}
+    for side, r in sides.items():
+        mem[side] = {"kind": r["memory_kind"], "peak_device_mb": r.get("peak_device_mb"), "peak_rss_mb": r["peak_rss_mb"]}
+    same_kind = ("peak_device_mb" in sides["trl"]) == ("peak_device_mb" in sides["trl_jax"])
+    key = "peak_device_mb" if "peak_device_mb" in sides["trl"] and same_kind else "peak_rss_mb"
+    mem["compared"] = key if same_kind else "peak_rss_mb"
+    mem["ratio_jax_over_trl"] = sides["trl_jax"].get(mem["compared"]) / sides["trl"][mem["compared"]] if sides[
+        "trl"].get(mem["compared"]) else None
+    return {
+        "command": command, "config": config, "steps": n_steps, "rtol": rtol, "atol": atol, "warmup_steps": warmup,
+        "ok": ok, "first_divergence": {"step": first[0], "keys": first[1]} if first else None,
+        "steps_logged": {"trl": cmp.steps_trl, "trl_jax": cmp.steps_jax},
+        "only_trl": cmp.only_trl, "only_trl_jax": cmp.only_jax,
+        "max_rel": cmp.max_rel, "worst_step": cmp.worst_step, "bad_steps": cmp.bad_steps,
+        "per_step": steps, "curves": {k: {"trl": v[0], "trl_jax": v[1]} for k, v in cmp.curves.items()},
+        "main_metric": MAIN_METRIC.get(command),
+        "throughput": {**thr, "tokens_per_s_ratio": (t_jax / t_trl) if t_trl and t_jax else None,
+                       "step_time_ratio": (s_trl / s_jax) if s_trl and s_jax else None},
+        "memory": mem,
+        "devices": {side: r["device"] for side, r in sides.items()},
+        "process_wall_s": {side: r["process_wall_s"] for side, r in sides.items()},
+        "logs": {side: r["logs"] for side, r in sides.items()},
+        "notes": list(notes), "versions": _versions(),
+    }
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("trl-jax", "jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _fmt(x, spec=".6g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_report(r: dict) -> str:
+    lines = [f"== trl-jax compare {r['command']}: TRL ({r['devices']['trl']}) vs trl_jax ({r['devices']['trl_jax']}), "
+             f"{r['steps']} steps =="]
+    keys = sorted(r["max_rel"])
+    w = max([len(k) for k in keys] + [6])
+    for row in r["per_step"]:
+        lines.append(f"step {row['step']}")
+        lines.append(f"  {'metric':<{w}}  {'TRL':>13}  {'trl_jax':>13}  {'abs diff':>10}  {'rel diff':>10}")
+        for k in keys:
+            m = row["metrics"][k]
+            flag = "" if m["ok"] else "  <-- over tolerance"
+            lines.append(f"  {k:<{w}}  {m['trl']:>13.6g}  {m['trl_jax']:>13.6g}  {m['abs_diff']:>10.2e}  "
+                         f"{m['rel_diff']:>10.2e}{flag}")
+    if r["only_trl"] or r["only_trl_jax"]:
+        lines.append(f"logged by TRL only: {', '.join(r['only_trl']) or '-'}; by trl_jax only: "
+                     f"{', '.join(r['only_trl_jax']) or '-'}")
+    tol = f"rtol {r['rtol']:g} (atol {r['atol']:g} near zero)"
+    if r["ok"]:
+        worst = max(keys, key=lambda k: r["max_rel"][k]) if keys else None
+        lines.append(f"VERDICT: within tolerance ({tol}) on all {len(keys)} shared metrics over {r['steps_logged']['trl']}"
+                     f" steps" + (f"; largest relative difference {r['max_rel'][worst]:.2e} ({worst}, step "
+                                  f"{r['worst_step'][worst]})" if worst else ""))
+    else:
+        fd = r["first_divergence"]
+        why = []
+        if fd:
+            why.append(f"first diverging step {fd['step']} ({', '.join(fd['keys'])})")
+        if r["steps_logged"]["trl"] != r["steps_logged"]["trl_jax"]:
+            why.append(f"logged steps differ (TRL {r['steps_logged']['trl']}, trl_jax {r['steps_logged']['trl_jax']})")
+        if r["only_trl"]:
+            why.append(f"metrics missing in trl_jax: {', '.join(r['only_trl'])}")
+        lines.append(f"VERDICT: NOT within tolerance ({tol}): " + "; ".join(why))
+    t = r["throughput"]
+    lines.append(f"throughput (steps after the first {r['warmup_steps']} warm-up steps; first step, with compilation, "
+                 "timed apart):")
+    for side, name in (("trl", "TRL"), ("trl_jax", "trl_jax")):
+        s = t[side]
+        lines.append(f"  {name:<8} tokens/s {_fmt(s['tokens_per_s'], '.1f'):>10}   s/step {_fmt(s['step_s'], '.4f'):>8}"
+                     f"   first step {_fmt(s['first_step_s'], '.2f')} s")
+    lines.append(f"  trl_jax / TRL: tokens/s {_fmt(t['tokens_per_s_ratio'], '.2f')}x, step-time speed-up "
+                 f"{_fmt(t['step_time_ratio'], '.2f')}x")
+    m = r["memory"]
+    for side, name in (("trl", "TRL"), ("trl_jax", "trl_jax")):
+        dev = m[side]["peak_device_mb"]
+        lines.append(f"  peak memory {name:<8} device: {_fmt(dev, '.0f') + ' MB' if dev is not None else 'unavailable'}"
+                     f" ({m[side]['kind']}); host RSS {m[side]['peak_rss_mb']:.0f} MB")
+    lines.append(f"  memory trl_jax / TRL ({'device' if m['compared'] == 'peak_device_mb' else 'host RSS'}): "
+                 f"{_fmt(m['ratio_jax_over_trl'], '.2f')}x")
+    for n in r["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def plot_compare(r: dict, path: str) -> str:
+    """Loss curves (+ the objective's main metric) of both sides on shared axes, and a throughput bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["loss"] + [k for k in (r.get("main_metric"),) if k and k in r["curves"]]
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.4), dpi=80)
+    for ax, k in zip(axes, metrics):
+        c = r["curves"][k]
+        x = np.arange(1, len(c["trl"]) + 1)
+        ax.plot(x, c["trl"], "o-", color="#ee4c2c", label="TRL (PyTorch)", markersize=4)
+        ax.plot(x, c["trl_jax"], "x--", color="#3b6fd1", label="trl_jax (JAX)", markersize=5)
+        ax.set_xlabel("step")
+        ax.set_title(f"{k} (max rel. diff {r['max_rel'][k]:.1e})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    t = r["throughput"]
+    use_tokens = t["trl"]["tokens_per_s"] and t["trl_jax"]["tokens_per_s"]
+    vals = [t[s]["tokens_per_s"] if use_tokens else 1.0 / t[s]["step_s"] for s in ("trl", "trl_jax")]
+    bars = ax.bar(["TRL", "trl_jax"], vals, color=["#ee4c2c", "#3b6fd1"])
+    for b, v in zip(bars, vals):
+        ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_title(("tokens/s" if use_tokens else "steps/s") + f" after warm-up", fontsize=9)
+    fig.suptitle(f"trl-jax compare {r['command']}: {'within' if r['ok'] else 'NOT within'} rtol {r['rtol']:g}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+USAGE = "trl-jax compare sft|dpo|kto --config x.yaml [--steps N] [--out DIR] [--rtol R] [--field value ...]"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a usage error: one line through the CLI's handler, exit status 2
+        raise UsageError(f"compare: {message} (usage: {USAGE}).")
+
+def main(argv: list[str] | None = None) -> int:
+    """``trl-jax compare <trainer> --config x.yaml [--steps N] [--out DIR] [--field value ...]``: 0 within
+    tolerance, 1 not within tolerance (a usage error raises :class:`UsageError`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        return _worker_main(*argv[1:4])
+    from trl_jax.cli import _parse_overrides
+
+    p = _Parser(prog="trl-jax compare", add_help=False)
+    p.add_argument("trainer", nargs="?")
+    p.add_argument("--config")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out", default=None)
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--atol", type=float, default=1e-6)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-plot", action="store_true")
+    ns, extra = p.parse_known_args(argv)
+    if not ns.trainer:
+        raise UsageError(f"compare: name the trainer (usage: {USAGE}).")
+    out = ns.out or os.path.join("outputs", f"compare-{ns.trainer}")
+    r = run_compare(ns.trainer, ns.config, _parse_overrides(extra), steps=ns.steps, out_dir=out, rtol=ns.rtol,
+                    atol=ns.atol, warmup=ns.warmup, threads=ns.threads, plot=not ns.no_plot)
+    return 0 if r["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
