@@ -7,6 +7,8 @@ Tokens attend to earlier-or-equal slots of their own segment, so left padding, r
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
@@ -65,11 +67,40 @@ def _use_cudnn(impl: str, q: jnp.ndarray) -> bool:
 
 
 def attend(q, k, v, mask, *, scale: float, impl: str = "auto") -> jnp.ndarray:
-    """``q [B, T, N, H]``, ``k/v [B, S, K, H]`` (GQA: K divides N), ``mask [B, 1, T, S]`` -> ``[B, T, N, H]``."""
+    """``q [B, T, N, H]``, ``k/v [B, S, K, H]`` (GQA: K divides N), ``mask [B, 1, T, S]`` -> ``[B, T, N, H]``.
+
+    ``impl``: ``"cudnn"`` (GPU; an error if cuDNN refuses), ``"xla"``, or ``"auto"`` (cuDNN where it applies;
+    a cuDNN refusal is logged once and XLA used instead).
+    """
     if _use_cudnn(impl, q):
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-        except Exception:  # noqa: BLE001 - shape/dtype/version cuDNN cannot take: fall back to XLA
+        except Exception as e:  # noqa: BLE001 - shape/dtype/version cuDNN cannot take: fall back to XLA
             if impl == "cudnn":
                 raise
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=None)
+            _warn_fallback(q, e)
+    return xla_attention(q, k, v, mask, scale=scale)
+
+
+_FALLBACKS: set = set()
+
+
+def _warn_fallback(q, err) -> None:
+    key = (q.shape, str(q.dtype), type(err).__name__)
+    if key not in _FALLBACKS:
+        _FALLBACKS.add(key)
+        logging.getLogger("trl_jax").warning(
+            "cuDNN attention unavailable for q %s %s (%s: %s); using XLA attention. Set attn_implementation='xla' "
+            "to silence this, or 'cudnn' to make it an error.", q.shape, q.dtype, type(err).__name__, err)
+
+
+def xla_attention(q, k, v, mask, *, scale: float) -> jnp.ndarray:
+    """Dense attention as transformers' eager path computes it: scores in the input dtype, softmax in fp32,
+    probabilities cast back to the value dtype, so under bf16 both matmuls (and their gradients) are bf16."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).astype(q.dtype).reshape(b, t, n, h)

@@ -232,13 +232,37 @@ def _vocab_stats(z, idx, temperature, vocab_axis, vocab_offset, *, entropy, top1
     return tuple(out)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _narrow_matmul(h, w, dtype):
+    """``h [b, t, D] @ w [D, V]`` (``h`` in ``dtype``) with operands in ``dtype`` (bf16/fp16) and fp32
+    accumulation, forward and backward (autodiff alone would run the backward matmuls on the fp32 cotangent). ``w`` is an fp32 copy of a
+    ``dtype`` weight (exact), so its cotangent is fp32."""
+    return jnp.einsum("btd,dv->btv", h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _narrow_matmul_fwd(h, w, dtype):
+    hc, wc = h.astype(dtype), w.astype(dtype)
+    return jnp.einsum("btd,dv->btv", hc, wc, preferred_element_type=jnp.float32), (hc, wc)
+
+
+def _narrow_matmul_bwd(dtype, res, dz):
+    hc, wc = res
+    dzc = dz.astype(dtype)
+    dh = jnp.einsum("btv,dv->btd", dzc, wc, preferred_element_type=jnp.float32).astype(dtype)
+    dw = jnp.einsum("btd,btv->dv", hc, dzc, preferred_element_type=jnp.float32)
+    return dh, dw
+
+
+_narrow_matmul.defvjp(_narrow_matmul_fwd, _narrow_matmul_bwd)
+
+
 def _pvary(x, axes):
     if hasattr(jax.lax, "pcast"):
         return jax.lax.pcast(x, tuple(axes), to="varying")
     return jax.lax.pvary(x, tuple(axes))
 
 
-def _sharded_fused(logits_of, hidden, weight, targets, chunk_size, temperature, bspec, want):
+def _sharded_fused(logits_of, hidden, weight, targets, chunk_size, temperature, bspec, want, loop_dtype=None):
     """:func:`fused_log_probs`' chunk loop run per device with ``shard_map`` on the active mesh.
 
     Each device scores its own batch rows (``hidden [B, T, D]`` split over the batch axes) against the LM-head
@@ -262,6 +286,8 @@ def _sharded_fused(logits_of, hidden, weight, targets, chunk_size, temperature, 
             for a in vocab_axes:
                 shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
             offset = shard * w.shape[-1]
+        if loop_dtype is not None:
+            w = w.astype(loop_dtype)
         if baxes:
             # one device-varying copy before the loop: the weight's gradient is then summed across the batch
             # devices once, after the loop (a use inside the loop would psum every chunk's partial gradient)
@@ -328,8 +354,16 @@ def fused_log_probs(
     lead = hidden.shape[:-1]
     want = dict(entropy=return_entropy, top1=return_top1, lsq=return_log_sum_sq_probs)
 
+    # A bf16/fp16 LM head: both matmuls of every chunk (forward and backward) take operands in that dtype and
+    # accumulate in fp32; the weight enters the chunk loop as an exact fp32 copy so that its gradient is summed
+    # over chunks (and devices) in fp32 and rounded once.
+    narrow = None if jnp.dtype(lm_head_weight.dtype).itemsize >= 4 else jnp.dtype(lm_head_weight.dtype)
+
     def logits_of(h, w):
-        z = jnp.einsum("btd,dv->btv", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        if narrow is not None:
+            z = _narrow_matmul(h.astype(narrow), w, narrow)
+        else:
+            z = jnp.einsum("btd,dv->btv", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
         if logit_scale is not None:
             z = z * logit_scale
         if final_logit_softcapping is not None:
@@ -340,11 +374,12 @@ def fused_log_probs(
     h3, idx2 = hidden.reshape(b, t, hidden.shape[-1]), targets.reshape(b, t).astype(jnp.int32)
     bspec = active_spec(("activation_batch",), (b,))
     if bspec is None:  # no mesh: one local chunk loop
+        w = lm_head_weight if narrow is None else lm_head_weight.astype(jnp.float32)
         out = _chunked_over_tokens(
-            lambda h, i: _vocab_stats(logits_of(h, lm_head_weight), i, temperature, None, 0, **want),
-            [h3, idx2], chunk_size)
+            lambda h, i: _vocab_stats(logits_of(h, w), i, temperature, None, 0, **want), [h3, idx2], chunk_size)
     else:
-        out = _sharded_fused(logits_of, h3, lm_head_weight, idx2, chunk_size, temperature, bspec, want)
+        out = _sharded_fused(logits_of, h3, lm_head_weight, idx2, chunk_size, temperature, bspec, want,
+                             loop_dtype=None if narrow is None else jnp.float32)
     out = [o.reshape(lead) for o in out]
     if mask is not None:
         keep = jnp.asarray(mask, bool)
