@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from trl_jax.models.attention import segment_ids_from_attention_mask, segment_ids_from_positions
 from trl_jax.models.config import ModelConfig
-from trl_jax.models.decoder import Decoder
+from trl_jax.models.decoder import Decoder, decode_forward, init_decode_cache
 
 Params = Any
 
@@ -142,37 +142,26 @@ class CausalLM:
 
     # ------------------------------------------------------------------ KV cache
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """Preallocated cache: ``k, v [L, B, S, K, Hd]``, ``segment_ids [B, S]`` (0 = empty), ``index`` (next slot)."""
-        c = self.config
-        dtype = dtype or c.dtype
-        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
-        return {
-            "k": jnp.zeros(shape, dtype),
-            "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-            "index": jnp.zeros((), jnp.int32),
-        }
+        """Preallocated cache: ``k, v [L, B, S, K, Hd]``, ``segment_ids [B, S]`` (0 = empty), ``index`` (next slot).
+
+        The layout of :func:`trl_jax.models.decoder.init_decode_cache`: ``prefill`` / ``decode_step`` update each
+        layer's slots in place (``dynamic_update_slice`` into the one buffer), so under ``jax.jit`` with the cache
+        donated no call copies or restacks the whole cache."""
+        return init_decode_cache(self.config, batch, max_len, dtype)
 
     def _cached_forward(self, params, cache, input_ids, positions, q_seg):
-        B, T = input_ids.shape
-        idx = cache["index"]
-        S = cache["segment_ids"].shape[1]
-        kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg, (0, idx))
-        q_slots = idx + jnp.arange(T, dtype=jnp.int32)
-        kv_slots = jnp.arange(S, dtype=jnp.int32)
-        h, (k, v) = self.module.apply(
-            {"params": params}, input_ids, positions, q_seg, kv_seg, q_slots, kv_slots,
-            cache=(cache["k"], cache["v"]), cache_index=idx,
-        )
-        return h, {"k": k, "v": v, "segment_ids": kv_seg, "index": idx + T}
+        return decode_forward(self.config, params, cache, input_ids, positions, q_seg)
 
     def prefill(self, params, cache, input_ids, positions=None, attention_mask=None, logits_for: str = "last"):
         """Run a (left-padded) prompt ``[B, T]`` through the model, writing slots ``[index, index + T)``.
 
         Returns ``(logits, cache)``: ``logits [B, V]`` at the last slot (``logits_for="last"``) or ``[B, T, V]``
-        (``"all"``). ``positions`` default to ``cumsum(attention_mask) - 1`` (left-padding aware).
+        (``"all"``). ``positions`` default to ``cumsum(attention_mask) - 1`` (left-padding aware). Runs the in-place
+        decode path (:func:`trl_jax.models.decoder.decode_forward`); attention covers the cache's ``S`` slots.
         """
         chex.assert_rank(input_ids, 2)
+        if logits_for not in ("last", "all"):
+            raise ValueError(f"logits_for must be 'last' or 'all', got {logits_for!r}.")
         mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -183,7 +172,8 @@ class CausalLM:
         return self.logits_from_hidden(params, h), cache
 
     def decode_step(self, params, cache, tokens, positions):
-        """One token per row: ``tokens [B]``, ``positions [B]`` -> ``(logits [B, V], cache)``."""
+        """One token per row: ``tokens [B]``, ``positions [B]`` -> ``(logits [B, V], cache)``; the new keys/values
+        are written in place at slot ``index`` of each layer (donate ``cache`` under ``jax.jit`` to avoid a copy)."""
         chex.assert_rank(tokens, 1)
         q_seg = jnp.ones((tokens.shape[0], 1), jnp.int32)
         h, cache = self._cached_forward(params, cache, tokens[:, None], positions[:, None].astype(jnp.int32), q_seg)
