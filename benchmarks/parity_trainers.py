@@ -17,8 +17,8 @@ Usage::
     python benchmarks/parity_trainers.py --cases sft-adamw dpo-sgd --steps 5
     python benchmarks/parity_trainers.py --markdown out.md
 
-Importable: :func:`make_model_dir`, :func:`make_dataset`, :func:`run_trl`, :func:`run_jax`, :func:`compare`,
-:func:`run_case`, ``CASES``.
+Importable: :func:`make_model_dir`, :func:`compare` (both from :mod:`trl_jax.compare`), :func:`make_dataset`,
+:func:`run_trl`, :func:`run_jax`, :func:`run_case`, ``CASES``.
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import math
 import os
 import sys
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -40,38 +38,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import numpy as np
 
-# Keys that are bookkeeping, not training numbers (never compared, but reported when only one side has them).
-BOOKKEEPING = {"epoch", "step", "train_tokens_per_second", "skipped_updates"}  # skipped_updates: trl_jax only
-# Keys logged only at the end of TRL's run / trl_jax's run (summary rows), excluded from the per-step comparison.
-SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss",
-                "global_step"}
+# The comparison, the tiny model directory and the trainer builders live in the package (`trl-jax compare`).
+from trl_jax.compare import (  # noqa: F401 - re-exported for the tests and other scripts
+    BOOKKEEPING,
+    SUMMARY_KEYS,
+    Comparison,
+    build_jax_trainer,
+    build_trl_trainer,
+    compare,
+    make_model_dir,
+)
+from trl_jax.compare import step_logs as _step_logs
 
 
 # ---------------------------------------------------------------------------------------------------- assets
-def make_model_dir(path: str, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
-                   initializer_range: float = 0.1, tie_word_embeddings: bool = False) -> str:
-    """Save a random fp32 ``Qwen3ForCausalLM`` (``hidden_size``, ``num_layers``) and trl_jax's char tokenizer."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from trl_jax.assets import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    heads = max(hidden_size // 8, 2)
-    cfg = Qwen3Config(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-        head_dim=8, max_position_embeddings=256, initializer_range=initializer_range,
-        tie_word_embeddings=tie_word_embeddings, attention_dropout=0.0,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).to(torch.float32)
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
-
-
 def make_dataset(kind: str, n: int, seed: int = 0):
     """``n`` rows of arithmetic of varied length: ``sft`` prompt/completion, ``dpo`` prompt/chosen/rejected,
     ``kto`` prompt/completion/label (labels alternate, so every batch of 2+ holds both kinds)."""
@@ -149,16 +129,10 @@ def rows_needed(case: Case, steps: int) -> int:
     return steps * case.per_device_train_batch_size * case.gradient_accumulation_steps
 
 
-def _step_logs(history: list[dict]) -> list[dict]:
-    """Per-step log entries only (drop summary / eval rows)."""
-    return [h for h in history if "loss" in h and not (SUMMARY_KEYS & set(h))]
-
-
 # ---------------------------------------------------------------------------------------------------- runners
 def run_trl(case: Case, model_dir: str, dataset, steps: int, output_dir: str) -> list[dict]:
     """Train with TRL's PyTorch trainer on CPU; returns its per-step ``log_history`` entries."""
     import torch
-    import trl
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
@@ -167,18 +141,7 @@ def run_trl(case: Case, model_dir: str, dataset, steps: int, output_dir: str) ->
     kw = _args_kwargs(case, steps, output_dir)
     kw["use_cpu"] = True
     kw["dataloader_num_workers"] = 0
-    if case.kind == "sft":
-        args = trl.SFTConfig(**kw)
-        trainer = trl.SFTTrainer(model=model_dir, args=args, train_dataset=dataset, processing_class=tok)
-    elif case.kind == "dpo":
-        args = trl.DPOConfig(**kw)
-        trainer = trl.DPOTrainer(model=model_dir, args=args, train_dataset=dataset, processing_class=tok)
-    else:
-        from trl.trainer.kto_config import KTOConfig
-        from trl.trainer.kto_trainer import KTOTrainer
-
-        args = KTOConfig(**kw)
-        trainer = KTOTrainer(model=model_dir, args=args, train_dataset=dataset, processing_class=tok)
+    trainer = build_trl_trainer(case.kind, model_dir, kw, dataset, processing_class=tok)
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
     return _step_logs(trainer.state.log_history)
@@ -193,9 +156,6 @@ def run_jax(case: Case, model_dir: str, dataset, steps: int, output_dir: str, me
     ``--xla_force_host_platform_device_count=8``) runs on the first devices (the trainer does this itself)."""
     import jax
 
-    from trl_jax.configs import DPOConfig, KTOConfig, SFTConfig
-    from trl_jax.trainers import DPOTrainer, KTOTrainer, SFTTrainer
-
     kw = _args_kwargs(case, steps, output_dir)
     if mesh_shape is None:
         n = jax.device_count()
@@ -204,62 +164,13 @@ def run_jax(case: Case, model_dir: str, dataset, steps: int, output_dir: str, me
         kw["per_device_train_batch_size"] = case.per_device_train_batch_size // n
     else:
         kw["mesh_shape"] = tuple(mesh_shape)
-    cls = {"sft": (SFTConfig, SFTTrainer), "dpo": (DPOConfig, DPOTrainer), "kto": (KTOConfig, KTOTrainer)}[case.kind]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args = cls[0](**kw)
-        trainer = cls[1](model=model_dir, args=args, train_dataset=dataset)
+    trainer = build_jax_trainer(case.kind, model_dir, kw, dataset)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.train()
     return _step_logs(trainer.log_history)
 
 
-# ---------------------------------------------------------------------------------------------------- compare
-@dataclass
-class Comparison:
-    """Per-key worst error over the steps, and the keys only one side logs."""
-
-    steps_trl: int
-    steps_jax: int
-    max_rel: dict = field(default_factory=dict)  # key -> max |a-b| / max(|b|, atol / rtol)
-    worst_step: dict = field(default_factory=dict)  # key -> 1-based step of max_rel
-    bad_steps: dict = field(default_factory=dict)  # key -> 1-based steps whose error exceeds rtol
-    only_trl: list = field(default_factory=list)
-    only_jax: list = field(default_factory=list)
-    curves: dict = field(default_factory=dict)  # key -> (trl values, jax values)
-
-    def failures(self, rtol: float = 1e-3) -> dict:
-        return {k: v for k, v in self.max_rel.items() if not v <= rtol}
-
-    def ok(self, rtol: float = 1e-3) -> bool:
-        return self.steps_trl == self.steps_jax and not self.failures(rtol) and not self.only_trl
-
-
-def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, atol: float = 1e-6) -> Comparison:
-    """Step-by-step comparison of every numeric key both sides log (bookkeeping keys excluded).
-
-    Error of a value: ``|jax - trl| / max(|trl|, atol / rtol)`` -- relative, except near zero where ``atol``
-    applies (e.g. DPO rewards at step 1 are exactly 0 on both sides). ``NaN`` on both sides counts as equal."""
-    out = Comparison(len(trl_logs), len(jax_logs))
-    keys_trl = set().union(*(h.keys() for h in trl_logs)) - BOOKKEEPING if trl_logs else set()
-    keys_jax = set().union(*(h.keys() for h in jax_logs)) - BOOKKEEPING if jax_logs else set()
-    out.only_trl, out.only_jax = sorted(keys_trl - keys_jax), sorted(keys_jax - keys_trl)
-    for k in sorted(keys_trl & keys_jax):
-        a = np.array([float(h.get(k, np.nan)) for h in trl_logs])
-        b = np.array([float(h.get(k, np.nan)) for h in jax_logs])
-        n = min(len(a), len(b))
-        a, b = a[:n], b[:n]
-        both_nan = np.isnan(a) & np.isnan(b)
-        err = np.abs(b - a) / np.maximum(np.abs(a), atol / rtol)
-        err = np.where(both_nan, 0.0, err)
-        err = np.where(np.isnan(err), np.inf, err)
-        out.max_rel[k] = float(err.max()) if n else float("nan")
-        out.worst_step[k] = int(err.argmax()) + 1 if n else 0
-        out.bad_steps[k] = [int(i) + 1 for i in np.nonzero(~(err <= rtol))[0]]
-        out.curves[k] = (a.tolist(), b.tolist())
-    return out
-
-
+# ---------------------------------------------------------------------------------------------------- run
 def run_case(case: Case | str, steps: int = 20, workdir: str | None = None, model_dir: str | None = None,
              mesh_shape=(1, 1, 1)) -> tuple[Comparison, dict]:
     """Build (or reuse) the model dir, run both trainers, compare. Returns ``(comparison, timings_s)``.

@@ -111,8 +111,7 @@ def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, a
     Error of a value: ``|jax - trl| / max(|trl|, atol / rtol)`` -- relative, except near zero where ``atol``
     applies (e.g. DPO rewards at step 1 are exactly 0 on both sides). ``NaN`` on both sides counts as equal."""
     out = Comparison(len(trl_logs), len(jax_logs))
-    keys_trl = set().union(*(h.keys() for h in trl_logs)) - BOOKKEEPING if trl_logs else set()
-    keys_jax = set().union(*(h.keys() for h in jax_logs)) - BOOKKEEPING if jax_logs else set()
+    keys_trl, keys_jax = _logged_keys(trl_logs), _logged_keys(jax_logs)
     out.only_trl, out.only_jax = sorted(keys_trl - keys_jax), sorted(keys_jax - keys_trl)
     for k in sorted(keys_trl & keys_jax):
         a = np.array([_num(h.get(k)) for h in trl_logs])
@@ -128,6 +127,12 @@ def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, a
         out.bad_steps[k] = [int(i) + 1 for i in np.nonzero(~(err <= rtol))[0]]
         out.curves[k] = (a.tolist(), b.tolist())
     return out
+
+
+def _logged_keys(logs: list[dict]) -> set[str]:
+    """Keys with a value on some step; a key logged only as NaN (e.g. trl_jax's KTO ``rewards/rejected`` on
+    batches without undesirable rows, where TRL omits the key) counts as not logged."""
+    return {k for h in logs for k, v in h.items() if not math.isnan(_num(v))} - BOOKKEEPING
 
 
 def _num(v) -> float:
@@ -487,8 +492,8 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
     warmup = warmup if warmup is not None else max(1, min(3, n_steps // 4))
     notes = []
     if user_sampling not in (None, "sequential"):
-        notes.append(f"train_sampling_strategy {user_sampling!r} of the config replaced by 'sequential' on both "
-                     "sides (TRL and trl_jax shuffle with different random streams)")
+        notes.append(f"train_sampling_strategy {user_sampling!r} (the config's, or the default) replaced by "
+                     "'sequential' on both sides: TRL and trl_jax shuffle with different random streams")
     os.makedirs(out_dir, exist_ok=True)
     out_dir = os.path.abspath(out_dir)
     base = {"command": command, "config": os.path.abspath(config) if config else None,
