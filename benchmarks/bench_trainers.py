@@ -7,6 +7,9 @@ character tokenizer, so ``n`` characters = ``n`` tokens) and train on the same s
 Throughput: tokens (the logged ``num_tokens`` counter, identical on both sides) between the log of step
 ``--warmup`` and the log of the last step, divided by the wall time between them (compilation excluded).
 
+The same measurement for a user's own config (with the per-step parity check and a plot): ``trl-jax compare``
+(:mod:`trl_jax.compare`, which also builds the trainers for this script).
+
 Presets:
 
 * ``cpu-tiny`` (default): hidden 64, 2 layers, SFT batch 8 x 128, DPO 4 pairs prompt 32 + completion 96, fp32.
@@ -130,8 +133,9 @@ def _throughput(log_history, times, warmup):
 
 def worker_trl(kind, model_dir, p, steps, warmup):
     import torch
-    import trl
     from transformers import AutoTokenizer, TrainerCallback
+
+    from trl_jax.compare import build_trl_trainer
 
     gpu = torch.cuda.is_available()
     times = _Times(torch.cuda.synchronize if gpu else None)
@@ -141,18 +145,7 @@ def worker_trl(kind, model_dir, p, steps, warmup):
     kw = _config_kwargs(kind, p, steps, out)
     kw["model_init_kwargs"] = {"dtype": p["dtype"]}
     ds = make_dataset(kind, p, steps * _batch(kind, p))
-    if kind == "sft":
-        trainer = trl.SFTTrainer(model=model_dir, args=trl.SFTConfig(**kw), train_dataset=ds, processing_class=tok,
-                                 callbacks=[cb])
-    elif kind == "dpo":
-        trainer = trl.DPOTrainer(model=model_dir, args=trl.DPOConfig(**kw), train_dataset=ds, processing_class=tok,
-                                 callbacks=[cb])
-    else:
-        from trl.trainer.kto_config import KTOConfig
-        from trl.trainer.kto_trainer import KTOTrainer
-
-        trainer = KTOTrainer(model=model_dir, args=KTOConfig(**kw), train_dataset=ds, processing_class=tok,
-                             callbacks=[cb])
+    trainer = build_trl_trainer(kind, model_dir, kw, ds, processing_class=tok, callbacks=[cb])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -169,8 +162,7 @@ def worker_trl(kind, model_dir, p, steps, warmup):
 def worker_jax(kind, model_dir, p, steps, warmup):
     import jax
 
-    from trl_jax.configs import DPOConfig, KTOConfig, SFTConfig
-    from trl_jax.trainers import DPOTrainer, KTOTrainer, SFTTrainer
+    from trl_jax.compare import build_jax_trainer
 
     n = jax.device_count()
     times = _Times()
@@ -181,8 +173,7 @@ def worker_jax(kind, model_dir, p, steps, warmup):
     kw["per_device_train_batch_size"] = _batch(kind, p) // n  # same global batch as TRL, data parallel
     kw.update(param_dtype=p["dtype"], compute_dtype=p["dtype"], remat_policy="none")
     ds = make_dataset(kind, p, steps * _batch(kind, p))
-    cfg, cls = {"sft": (SFTConfig, SFTTrainer), "dpo": (DPOConfig, DPOTrainer), "kto": (KTOConfig, KTOTrainer)}[kind]
-    trainer = cls(model=model_dir, args=cfg(**kw), train_dataset=ds, callbacks=[times])
+    trainer = build_jax_trainer(kind, model_dir, kw, ds, callbacks=[times])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainer.train()
     tps, step_s = _throughput(trainer.log_history, times.times, warmup)

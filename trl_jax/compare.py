@@ -666,7 +666,10 @@ def plot_compare(r: dict, path: str) -> str:
     for b, v in zip(bars, vals):
         ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center",
                     va="bottom", fontsize=8)
-    ax.set_title(("tokens/s" if use_tokens else "steps/s") + f" after warm-up", fontsize=9)
+    ratio = vals[1] / vals[0] if vals[0] else float("nan")
+    ax.set_title(("tokens/s" if use_tokens else "steps/s") + f" after warm-up (trl_jax/TRL {ratio:.2f}x)", fontsize=9)
+    ax.set_xticks([0, 1], [f"TRL\n{r['devices']['trl']}"[:40], f"trl_jax\n{r['devices']['trl_jax']}"[:40]],
+                  fontsize=7)
     fig.suptitle(f"trl-jax compare {r['command']}: {'within' if r['ok'] else 'NOT within'} rtol {r['rtol']:g}",
                  fontsize=10)
     fig.tight_layout()
