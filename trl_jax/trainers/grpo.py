@@ -33,6 +33,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,33 @@ def _left_pad(rows: list[list[int]], length: int, pad: int) -> tuple[np.ndarray,
             ids[i, length - len(r):] = r
             mask[i, length - len(r):] = 1
     return ids, mask
+
+
+#: Reward-model batches are padded to one of these lengths (then to the next power of two past them): powers of
+#: two from 64, so scoring compiles once per bucket, not once per batch length.
+REWARD_MODEL_MIN_BUCKET = 64
+
+
+def reward_model_bucket(n: int, cap: int | None = None) -> int:
+    """Padded length of a reward-model batch whose longest row has ``n`` tokens: the smallest power of two
+    ``>= max(n, 64)``; with ``cap`` (the policy's prompt + completion length, rounded up to 64) a power of two past
+    ``cap`` is replaced by ``cap`` when ``n`` fits in it, so the largest bucket is never padded beyond the longest
+    possible sequence. At most ``log2(cap / 64) + 2`` distinct lengths, one compile each."""
+    n = max(int(n), 1)
+    b = REWARD_MODEL_MIN_BUCKET
+    while b < n:
+        b *= 2
+    if cap is not None:
+        cap = _round_up(cap, REWARD_MODEL_MIN_BUCKET)
+        if n <= cap < b:
+            return cap
+    return b
+
+
+def _add_phase(trainer, name: str, t0: float) -> None:
+    """Accumulate host wall time since ``t0`` under ``trainer.phase_seconds[name]`` (the benchmark's phase split)."""
+    d = trainer.__dict__.setdefault("phase_seconds", {})
+    d[name] = d.get(name, 0.0) + time.perf_counter() - t0
 
 
 def reward_func_name(func) -> str:
@@ -256,7 +284,10 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
                 return j
         return None
 
-    def _reward_model_scores(self, i, prompts, completions):
+    def _dispatch_reward_model(self, i, prompts, completions):
+        """Tokenize for reward model ``i``, pad to its length bucket (:func:`reward_model_bucket`) and start the
+        scoring forward pass without waiting: returns the device scores ``[N, num_labels]``. One compile per bucket,
+        counted in ``self.reward_model_compiles[i]``."""
         from trl_jax.data.chat_template import apply_chat_template
 
         model, params = self.reward_funcs[i]
@@ -266,15 +297,25 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         else:
             texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         enc = rpc(text=texts, add_special_tokens=False)["input_ids"]
-        length = _round_up(max(len(e) for e in enc), 64)
+        cap = self.prompt_length + int(self._sampling_kwargs()["max_new_tokens"])
+        length = reward_model_bucket(max(len(e) for e in enc), cap)
         ids = np.full((len(enc), length), rpc.pad_token_id, np.int32)
         mask = np.zeros_like(ids)
         for r, e in enumerate(enc):
             ids[r, :len(e)], mask[r, :len(e)] = e, 1
+        compiles = self.__dict__.setdefault("reward_model_compiles", {})
         if i not in self._rm_jit:
             pad = int(rpc.pad_token_id)
-            self._rm_jit[i] = jax.jit(lambda p, x, m: model.sequence_scores(p, x, attention_mask=m, pad_token_id=pad))
-        scores = jax.device_get(self._rm_jit[i](params, ids, mask))
+
+            def score(p, x, m, i=i):
+                compiles[i] = compiles.get(i, 0) + 1  # runs once per trace, i.e. per compiled bucket
+                return model.sequence_scores(p, x, attention_mask=m, pad_token_id=pad)
+
+            self._rm_jit[i] = jax.jit(score)
+        return self._rm_jit[i](params, ids, mask)
+
+    def _reward_model_scores(self, i, prompts, completions):
+        scores = jax.device_get(self._dispatch_reward_model(i, prompts, completions))
         return np.asarray(scores, np.float32)[:, 0].tolist()
 
     def _calculate_rewards(self, rows, prompts, completions, completion_ids):
@@ -285,9 +326,14 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         kwargs["log_extra"] = lambda column, values: None
         kwargs["log_metric"] = self._log_metric
         out = np.zeros((len(prompts), len(self.reward_funcs)), np.float32)
-        for i, func in enumerate(self.reward_funcs):
-            if isinstance(func, tuple):
-                out[:, i] = self._reward_model_scores(i, prompts, completions)
+        # Reward models first: their forward passes run on the device while the Python functions run on the host.
+        pending = {i: self._dispatch_reward_model(i, prompts, completions)
+                   for i, func in enumerate(self.reward_funcs) if isinstance(func, tuple)}
+        order = [i for i in range(len(self.reward_funcs)) if i not in pending] + list(pending)
+        for i in order:
+            func = self.reward_funcs[i]
+            if i in pending:
+                out[:, i] = np.asarray(jax.device_get(pending[i]), np.float32)[:, 0]
             else:
                 out[:, i] = self._call_reward_func(i, func, prompts, completions, completion_ids, kwargs)
             infinite = np.isinf(out[:, i])
@@ -446,17 +492,39 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         idx = self._prompt_order(epoch)[within * u:(within + 1) * u]
         return [self.train_dataset[int(i)] for i in idx for _ in range(self.num_generations)]
 
-    def generate_and_score(self, rows: list[dict], params, rng, *, num_generations: int, shuffle_seed=None):
+    def generate_and_score(self, rows: list[dict], params, rng, *, num_generations: int, shuffle_seed=None,
+                           with_old_logps: bool = False):
         """Sample, decode, score one generation batch (``rows`` already repeated ``num_generations`` times).
 
         Returns ``(arrays, metrics, table)``: ``arrays`` is a dict of numpy arrays with one row per completion
         (``input_ids``, ``segment_ids``, ``completion_ids``, ``completion_mask``, ``advantages``,
-        ``num_items_in_batch``), ``metrics`` TRL's generation metrics, ``table`` the rows of the completions table.
+        ``num_items_in_batch``; with ``with_old_logps`` also ``old_per_token_logps``, the log-probs under ``params``),
+        ``metrics`` TRL's generation metrics, ``table`` the rows of the completions table.
+
+        Device work is dispatched before the host work it does not depend on (JAX's async dispatch): the
+        old-log-prob forward passes start before the completions are decoded and the reward functions run, and
+        reward models are scored on the device while the Python reward functions run. The numbers are those of the
+        serial order. Where the sampler's log-probs are exactly ``old_per_token_logps``
+        (:meth:`sampler_logps_are_exact`, :attr:`reuse_sampler_logps`), they are used and no forward pass runs.
         """
         args = self.args
         prompts = [r["prompt"] for r in rows]
         prompt_ids, prompt_mask = _left_pad([r["prompt_ids"] for r in rows], self.prompt_length, self.pad_token_id)
-        cids, cmask = self._sample(params, prompt_ids, prompt_mask, rng, num_generations=num_generations)
+        reuse = bool(with_old_logps and self.reuse_sampler_logps and self.sampler_logps_are_exact())
+        sampled = self._sample(params, prompt_ids, prompt_mask, rng, num_generations=num_generations,
+                               return_logprobs=reuse)
+        cids, cmask = sampled[0], sampled[1]
+        truncated = np.asarray(truncated_completions(cids, cmask, self.eos_token_ids, self.pad_token_id))
+        loss_mask = cmask * (~truncated)[:, None] if args.mask_truncated_completions else cmask
+        n = len(rows)
+        arrays = {
+            "input_ids": np.concatenate([prompt_ids, cids], axis=1).astype(np.int32),
+            "segment_ids": np.concatenate([prompt_mask, loss_mask], axis=1).astype(np.int32),
+            "completion_ids": cids.astype(np.int32),
+            "completion_mask": loss_mask.astype(np.int32),
+        }
+        pending_old = self._dispatch_old_logps(params, arrays) if with_old_logps and not reuse else None
+        t_host = time.perf_counter()
         lengths = cmask.sum(axis=1)
         completion_ids_list = [row[:n].tolist() for row, n in zip(cids, lengths, strict=True)]
         texts = decode_and_strip_padding(cids, self.processing_class, mask=cmask, think_start=None, think_end=None)
@@ -470,17 +538,8 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
             multi_objective_aggregation=args.multi_objective_aggregation, reward_func_names=self.reward_func_names,
         )
         advantages = np.asarray(advantages, np.float32)
-        truncated = np.asarray(truncated_completions(cids, cmask, self.eos_token_ids, self.pad_token_id))
-        loss_mask = cmask * (~truncated)[:, None] if args.mask_truncated_completions else cmask
-        n = len(rows)
-        arrays = {
-            "input_ids": np.concatenate([prompt_ids, cids], axis=1).astype(np.int32),
-            "segment_ids": np.concatenate([prompt_mask, loss_mask], axis=1).astype(np.int32),
-            "completion_ids": cids.astype(np.int32),
-            "completion_mask": loss_mask.astype(np.int32),
-            "advantages": advantages,
-            "num_items_in_batch": np.full((n,), float(loss_mask.sum()), np.float32),
-        }
+        arrays["advantages"] = advantages
+        arrays["num_items_in_batch"] = np.full((n,), float(loss_mask.sum()), np.float32)
         lengths_f = lengths.astype(np.float64)
         term = lengths_f[~truncated] if (~truncated).any() else np.zeros(1)
         metrics = {
@@ -501,6 +560,11 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
              "advantage": float(advantages[j])}
             for j, (p, c) in enumerate(zip(prompts, completions, strict=True))
         ]
+        _add_phase(self, "host", t_host)
+        if reuse:  # the sampler's log-probs, zero where the loss mask is (the recomputed path's convention)
+            arrays["old_per_token_logps"] = (sampled[2] * loss_mask).astype(np.float32)
+        elif pending_old is not None:
+            arrays["old_per_token_logps"] = self._fetch_old_logps(pending_old)
         return arrays, metrics, table
 
     def _generation(self, gen_index: int):
@@ -508,11 +572,11 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         args = self.args
         rows = self._rows_for_generation(gen_index)
         rng = jax.random.fold_in(jax.random.PRNGKey(args.seed + 1), gen_index)
-        arrays, metrics, table = self.generate_and_score(rows, self.state.params, rng,
-                                                         num_generations=self.num_generations)
+        # TRL's rule: old log-probs are kept only when the buffer outlives one optimizer step (else ratio == 1).
         generate_every = self.steps_per_generation * args.num_iterations
-        if args.gradient_accumulation_steps % generate_every != 0:
-            arrays["old_per_token_logps"] = self._old_logps(self.state.params, arrays)
+        arrays, metrics, table = self.generate_and_score(
+            rows, self.state.params, rng, num_generations=self.num_generations,
+            with_old_logps=args.gradient_accumulation_steps % generate_every != 0)
         perm = np.random.default_rng([args.seed, gen_index, 7]).permutation(len(rows))
         arrays = {k: v[perm] for k, v in arrays.items()}
         m = self.micro_batch_rows

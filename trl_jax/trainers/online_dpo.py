@@ -182,6 +182,7 @@ class OnlineDPOTrainer(BaseTrainer):
     _call_reward_func = GRPOTrainer._call_reward_func
     _find_offender = staticmethod(GRPOTrainer._find_offender)
     _reward_model_scores = GRPOTrainer._reward_model_scores
+    _dispatch_reward_model = GRPOTrainer._dispatch_reward_model  # bucketed lengths, scored while Python rewards run
     _calculate_rewards = GRPOTrainer._calculate_rewards
     _log_metric = GRPOTrainer._log_metric
     _sample = GRPOTrainer._sample  # the jitted sampler call, with this trainer's _sampling_kwargs
