@@ -13,16 +13,43 @@ import datetime
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 import warnings
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from trl_jax.train.state import abstract_like
 
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+# ---------------------------------------------------------------------- local paths and URLs
+def is_url(path) -> bool:
+    """``gs://...``, ``s3://...`` and other ``scheme://`` paths (``file://`` URLs are local paths)."""
+    return "://" in os.fspath(path) and not os.fspath(path).startswith("file://")
+
+
+def as_path(path) -> epath.Path:
+    """A local path or a URL as an ``etils.epath.Path``: ``gs://`` / ``s3://`` / ``az://`` / ``hf://`` (through
+    fsspec; orbax writes checkpoints to local paths and ``gs://``), ``file:///abs/path`` (a local path). Local
+    paths are made absolute. Join with ``/``, never with ``os.path`` on the string of a URL."""
+    if isinstance(path, epath.Path) and is_url(path):
+        return path
+    s = os.fspath(path)
+    if s.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        s = unquote(urlparse(s).path)
+    if "://" in s:
+        return epath.Path(s)
+    return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def path_str(path) -> str:
+    """``as_path(path)`` as a string (a URL stays a URL)."""
+    return os.fspath(as_path(path))
 
 
 class CheckpointSaveError(RuntimeError):
@@ -40,14 +67,14 @@ class Checkpointer:
     def __init__(
         self, directory, *, max_to_keep: int | None = None, async_save: bool = True, save_interval_steps: int = 1
     ):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = path_str(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        self._mngr = ocp.CheckpointManager(as_path(self.directory), options=options)
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state, *, force: bool = False) -> bool:
@@ -119,9 +146,10 @@ class Checkpointer:
 
     def incomplete_saves(self) -> list[str]:
         """Leftovers of interrupted saves (temporary step directories) in ``directory``."""
-        if not os.path.isdir(self.directory):
+        d = as_path(self.directory)
+        if not d.is_dir():
             return []
-        return sorted(n for n in os.listdir(self.directory) if _TMP.match(n))
+        return sorted(p.name for p in d.iterdir() if _TMP.match(p.name))
 
     # ------------------------------------------------------------------ restore
     def restore(self, target, step: int | None = None, *, shardings=None):
@@ -135,7 +163,7 @@ class Checkpointer:
         """
         for name in self.incomplete_saves():
             warnings.warn(
-                f"Checkpointer: ignoring incomplete checkpoint {os.path.join(self.directory, name)!r} "
+                f"Checkpointer: ignoring incomplete checkpoint {os.fspath(as_path(self.directory) / name)!r} "
                 "(a save that never committed, e.g. the process was killed mid-save).",
                 stacklevel=2,
             )
@@ -170,9 +198,10 @@ def restore_or_init(checkpointer: Checkpointer, init_state):
 
 def committed_steps(directory) -> list[int]:
     """Steps committed in a checkpoint directory (sub-directories named by a step number), without creating it."""
-    if not os.path.isdir(directory):
+    directory = as_path(directory)
+    if not directory.is_dir():
         return []
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 # ---------------------------------------------------------------------- one run per output_dir
@@ -229,15 +258,15 @@ class OutputDirLock:
     """
 
     def __init__(self, output_dir):
-        self.output_dir = os.path.abspath(os.fspath(output_dir))
-        self.path = os.path.join(self.output_dir, LOCK_NAME)
+        self.output_dir = path_str(output_dir)
+        self.path = os.fspath(as_path(output_dir) / LOCK_NAME)
+        self._remote = is_url(self.output_dir)
         self.held = False
 
     def read(self) -> dict | None:
         """The holder's record, ``{}`` for an unreadable file, ``None`` when there is no lock."""
         try:
-            with open(self.path, encoding="utf-8") as f:
-                info = json.load(f)
+            info = json.loads(as_path(self.path).read_text())
             return info if isinstance(info, dict) else {}
         except FileNotFoundError:
             return None
@@ -271,13 +300,18 @@ class OutputDirLock:
         )
 
     def acquire(self) -> OutputDirLock:
-        os.makedirs(self.output_dir, exist_ok=True)
+        as_path(self.output_dir).mkdir(parents=True, exist_ok=True)
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)[:500],
         }
+        if self._remote:  # object stores: no hard links nor exclusive create; check, then write
+            self.check()
+            as_path(self.path).write_text(json.dumps(record))
+            self.held = True
+            return self
         tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f)
@@ -327,7 +361,7 @@ class OutputDirLock:
         info = self.read()
         if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
             try:
-                os.remove(self.path)
+                as_path(self.path).unlink()
             except FileNotFoundError:
                 pass
 
@@ -349,10 +383,10 @@ def check_output_dir(output_dir, *, resume_from_checkpoint=None, overwrite_outpu
     """
     from trl_jax.configs import UsageError
 
-    output_dir = os.path.abspath(os.fspath(output_dir))
+    output_dir = as_path(output_dir)
     if check_lock:
         OutputDirLock(output_dir).check()
-    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    ckpt_dir = output_dir / "checkpoints"
     steps = committed_steps(ckpt_dir)
     resume = bool(resume_from_checkpoint) and not (
         isinstance(resume_from_checkpoint, str)
@@ -379,16 +413,16 @@ def check_output_dir(output_dir, *, resume_from_checkpoint=None, overwrite_outpu
     if overwrite_output_dir and delete:
         removed = []
         for name in ("checkpoints", "runs", "log_history.jsonl"):
-            path = os.path.join(output_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
+            path = output_dir / name
+            if path.is_dir():
+                path.rmtree()
                 removed.append(name + "/")
-            elif os.path.exists(path):
-                os.remove(path)
+            elif path.exists():
+                path.unlink()
                 removed.append(name)
         if removed:
             print(f"[trl_jax] overwrite_output_dir: deleted {', '.join(removed)} in {output_dir}", file=sys.stderr)
 
 
-__all__ = ["Checkpointer", "CheckpointSaveError", "LOCK_NAME", "NoCheckpointError", "OutputDirInUseError", "OutputDirLock",
+__all__ = ["as_path", "is_url", "path_str", "Checkpointer", "CheckpointSaveError", "LOCK_NAME", "NoCheckpointError", "OutputDirInUseError", "OutputDirLock",
            "StaleLockWarning", "check_output_dir", "committed_steps", "restore_or_init"]

@@ -27,9 +27,12 @@ import numpy as np
 
 from trl_jax.losses.base import LossTerms
 from trl_jax.parallel import batch_parallel_size, make_mesh
+from trl_jax.parallel.distributed import (gather_to_host, is_main_process, is_multiprocess, make_global_batch,
+                                          pad_to_common_shape, process_rows, sum_over_processes, sync_processes)
 from trl_jax.parallel.sharding import shard_batch
 from trl_jax.train import Checkpointer, TrainState, make_eval_step, make_train_step, optimizer_from_args
-from trl_jax.train.checkpoint import CheckpointSaveError, NoCheckpointError, OutputDirLock, check_output_dir
+from trl_jax.train.checkpoint import (CheckpointSaveError, NoCheckpointError, OutputDirLock, as_path, check_output_dir,
+                                      is_url)
 from trl_jax.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from trl_jax.trainers.logging import MetricsLogger
 
@@ -40,6 +43,14 @@ def take_rows(dataset, indices) -> list[dict]:
         return []
     cols = dataset[indices]
     return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+
+
+class LocalBatch(dict):
+    """A host batch holding only this process's rows of the global batch (``num_rows`` rows in all)."""
+
+    def __init__(self, data, num_rows: int):
+        super().__init__(data)
+        self.num_rows = num_rows
 
 
 def prompt_columns(dataset, split: str, trainer: str) -> list[str]:
@@ -111,7 +122,7 @@ class BaseTrainer(abc.ABC):
         self.args = args
         self.callback_handler = CallbackHandler(callbacks)
         self.trainer_state = TrainerState(logging_steps=args.logging_steps, eval_steps=args.eval_steps,
-                                          save_steps=args.save_steps)
+                                          save_steps=args.save_steps, is_world_process_zero=is_main_process())
         self.mesh = _make_mesh(args)
         self.model, self.params, model_path = self._load_model(model)
         self.processing_class = self._load_tokenizer(processing_class, model_path)
@@ -267,7 +278,54 @@ class BaseTrainer(abc.ABC):
         return order[start:start + self.step_rows].tolist()
 
     def _device_batch(self, batch):
-        return shard_batch(batch, self.mesh) if self.mesh is not None else batch
+        """A whole global host batch on the mesh. With several processes each one contributes only its rows
+        (every process must call it with the same batch)."""
+        if self.mesh is None:
+            return batch
+        if isinstance(batch, LocalBatch):
+            return self._global_batch(batch, batch.num_rows)
+        if not is_multiprocess():
+            return shard_batch(batch, self.mesh)
+        n = np.shape(jax.tree.leaves(batch)[0])[0]
+        rows = process_rows(self.mesh, n)
+        return make_global_batch(jax.tree.map(lambda x: np.asarray(x)[rows], batch), self.mesh, n)
+
+    def _local_rows(self, num_rows: int) -> slice:
+        """This process's rows ``[start, stop)`` of a global batch of ``num_rows`` rows (all rows with one)."""
+        return process_rows(self.mesh, num_rows)
+
+    def _pad_value(self, key: str):
+        """What the collators pad a column with along its sequence axis."""
+        if key.endswith("input_ids"):
+            return self.processing_class.pad_token_id
+        return -100 if key.endswith("labels") else 0
+
+    def _global_batch(self, local: dict, num_rows: int):
+        """This process's collated rows -> global arrays of ``num_rows`` rows (``make_array_from_process_local_data``);
+        the sequence axes are first padded to the longest any process collated. One process: ``shard_batch``."""
+        if self.mesh is None:
+            return dict(local)
+        if not is_multiprocess():
+            return shard_batch(dict(local), self.mesh)
+        local = pad_to_common_shape(dict(local), self._pad_value)
+        return make_global_batch(local, self.mesh, num_rows)
+
+    def _collate_local(self, ds, indices, num_rows: int, collate=None) -> LocalBatch:
+        """Collate this process's rows of the global batch ``indices`` (``num_rows`` rows with padding)."""
+        indices = list(indices)
+        sl = self._local_rows(num_rows)
+        collate = collate or self._make_batch
+        rows = take_rows(ds, indices[sl])
+        if rows or not indices:
+            return LocalBatch(collate(rows, sl.stop - sl.start), num_rows)
+        # A short last batch leaves this process only padding rows: collate one real row of the batch padded to
+        # two rows and repeat the padding row (masked out, as every padding row is).
+        probe = collate(take_rows(ds, indices[:1]), 2)
+        if any(np.shape(v)[0] != 2 for v in probe.values()):
+            raise ValueError("data_collator must pad its output to the num_rows it is asked for when several "
+                             "processes share a batch (a process can hold only padding rows of a short batch).")
+        n = sl.stop - sl.start
+        return LocalBatch({k: np.repeat(np.asarray(v)[1:2], n, axis=0) for k, v in probe.items()}, num_rows)
 
     def _make_batch(self, rows: list[dict], num_rows: int) -> dict[str, np.ndarray]:
         """A user ``data_collator`` (rows -> dict of fixed-shape numpy arrays with the keys the loss reads) if
@@ -277,9 +335,8 @@ class BaseTrainer(abc.ABC):
         return self._collate(rows, num_rows)
 
     def _batch_for_step(self, step: int):
-        idx = self._rows_for_step(step)
-        rows = take_rows(self.train_dataset, idx)
-        return self._make_batch(rows, self.step_rows)
+        """This process's rows of step ``step``'s global batch, collated (all rows with one process)."""
+        return self._collate_local(self.train_dataset, self._rows_for_step(step), self.step_rows)
 
     # ------------------------------------------------------------------ state
     def _build(self, total_steps: int):
@@ -310,7 +367,7 @@ class BaseTrainer(abc.ABC):
         self._eval_step = make_eval_step(self.loss_fn, mesh=self.mesh, compute_dtype=compute)
 
     def _checkpointer(self) -> Checkpointer:
-        return Checkpointer(os.path.join(self.args.output_dir, "checkpoints"), max_to_keep=self.args.save_total_limit)
+        return Checkpointer(as_path(self.args.output_dir) / "checkpoints", max_to_keep=self.args.save_total_limit)
 
     def _resume(self, resume_from_checkpoint, ckpt: Checkpointer) -> int:
         if not resume_from_checkpoint:
@@ -319,12 +376,11 @@ class BaseTrainer(abc.ABC):
         if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "latest"):
             resume_from_checkpoint = True
         if isinstance(resume_from_checkpoint, str):
-            path = os.path.abspath(resume_from_checkpoint)
-            base = os.path.basename(path)
-            if base.isdigit():
-                step = int(base)
-                path = os.path.dirname(path)
-            if path != ckpt.directory:
+            path = as_path(resume_from_checkpoint)
+            if path.name.isdigit():
+                step = int(path.name)
+                path = path.parent
+            if os.fspath(path) != ckpt.directory:
                 ckpt = Checkpointer(path)
         if ckpt.latest_step() is None:
             raise NoCheckpointError(
@@ -332,7 +388,8 @@ class BaseTrainer(abc.ABC):
                 "train without resume_from_checkpoint or point it at an output_dir/checkpoints directory."
             )
         step, self.state = ckpt.restore(self.state, step)
-        print(f"[trl_jax] resumed from {ckpt.directory} at step {step}", file=sys.stderr)
+        if is_main_process():
+            print(f"[trl_jax] resumed from {ckpt.directory} at step {step}", file=sys.stderr)
         return int(step)
 
     # ------------------------------------------------------------------ loop
@@ -356,6 +413,7 @@ class BaseTrainer(abc.ABC):
             check_output_dir(args.output_dir, resume_from_checkpoint=resume_from_checkpoint,
                              overwrite_output_dir=args.overwrite_output_dir, delete=lock is not None,
                              check_lock=False)
+            sync_processes("trl_jax:output_dir_checked")  # process 0 may have deleted an old run's files
             return self._train(resume_from_checkpoint)
         finally:
             if lock is not None:
@@ -366,7 +424,8 @@ class BaseTrainer(abc.ABC):
         total = self.num_training_steps()
         if self.state is None:
             self._build(total)
-        os.makedirs(args.output_dir, exist_ok=True)
+        if is_main_process():
+            as_path(args.output_dir).mkdir(parents=True, exist_ok=True)
         ckpt = self._checkpointer()
         start = self._resume(resume_from_checkpoint, ckpt)
         counters = self._load_counters(start) if start else {}
@@ -402,7 +461,8 @@ class BaseTrainer(abc.ABC):
                 return
             ckpt.save(done, self.state, force=True)
             try:
-                self._save_counters(done, counters)
+                if is_main_process():
+                    self._save_counters(done, counters)
             except OSError as e:
                 raise CheckpointSaveError(
                     f"saving step {done}'s trainer state to {self._counters_path(done)} failed "
@@ -426,8 +486,9 @@ class BaseTrainer(abc.ABC):
             limit = args.max_consecutive_nonfinite_updates
             if limit and nonfinite["consecutive"] >= limit:
                 self._stop_nonfinite(loss, grad_norm, step_done, nonfinite["consecutive"], ckpt, save)
-            print(f"[trl_jax] step {step_done}: non-finite update skipped (loss {loss}, grad_norm {grad_norm}); "
-                  f"{counters['skipped_updates']} skipped so far", file=sys.stderr)
+            if is_main_process():
+                print(f"[trl_jax] step {step_done}: non-finite update skipped (loss {loss}, grad_norm {grad_norm}); "
+                      f"{counters['skipped_updates']} skipped so far", file=sys.stderr)
 
         if args.eval_on_start and self.eval_dataset is not None:
             logger.log(self.evaluate(), start)
@@ -437,6 +498,8 @@ class BaseTrainer(abc.ABC):
                 for step in range(start, total):
                     batch = self._batch_for_step(step)
                     stats = self._batch_stats(batch)
+                    if isinstance(batch, LocalBatch):  # this process's rows: sum the counters over processes
+                        stats = sum_over_processes(stats)
                     for k, v in stats.items():
                         counters[k] = counters.get(k, 0.0) + v
                     tokens_window += stats.get("num_tokens", 0.0)
@@ -512,13 +575,18 @@ class BaseTrainer(abc.ABC):
 
     # ------------------------------------------------------------------ counters saved with checkpoints
     def _counters_path(self, step: int) -> str:
-        return os.path.join(self.args.output_dir, "checkpoints", f"trainer_state-{step}.json")
+        return os.fspath(as_path(self.args.output_dir) / "checkpoints" / f"trainer_state-{step}.json")
 
     def _save_counters(self, step: int, counters: dict) -> None:
+        """Process 0 writes them (atomic: written aside and renamed locally; one object write on a URL)."""
         path = self._counters_path(step)
+        data = json.dumps({"global_step": step, "counters": counters, "log_history": self.log_history})
+        if is_url(path):
+            as_path(path).write_text(data)
+            return
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"global_step": step, "counters": counters, "log_history": self.log_history}, f)
+            f.write(data)
         os.replace(tmp, path)
 
     def _prune_counters(self, ckpt: Checkpointer, keep: int | None = None) -> None:
@@ -526,23 +594,22 @@ class BaseTrainer(abc.ABC):
         if jax.process_index() != 0:
             return
         steps = set(ckpt.all_steps(reload=keep is None)) | ({keep} if keep is not None else set())
-        directory = os.path.dirname(self._counters_path(0))
-        if not os.path.isdir(directory):
+        directory = as_path(self._counters_path(0)).parent
+        if not directory.is_dir():
             return
-        for name in os.listdir(directory):
-            m = _COUNTERS_FILE.match(name)
+        for p in directory.iterdir():
+            m = _COUNTERS_FILE.match(p.name)
             if m and int(m.group(1)) not in steps:
                 try:
-                    os.remove(os.path.join(directory, name))
+                    p.unlink()
                 except FileNotFoundError:
                     pass
 
     def _load_counters(self, step: int) -> dict:
-        path = self._counters_path(step)
-        if not os.path.isfile(path):
+        path = as_path(self._counters_path(step))
+        if not path.is_file():
             return {}
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = json.loads(path.read_text(encoding="utf-8"))
         if not self.log_history:
             self.log_history.extend(saved.get("log_history", []))
         return dict(saved.get("counters", {}))
@@ -586,8 +653,8 @@ class BaseTrainer(abc.ABC):
         num = den = 0.0
         values: dict[str, list] = {}
         for b in range(nb):
-            rows = take_rows(ds, range(b * rows_per_batch, min((b + 1) * rows_per_batch, n)))
-            out = jax.device_get(self._eval_step(self.state, self._device_batch(self._make_batch(rows, rows_per_batch))))
+            local = self._collate_local(ds, range(b * rows_per_batch, min((b + 1) * rows_per_batch, n)), rows_per_batch)
+            out = jax.device_get(self._eval_step(self.state, self._device_batch(local)))
             num += float(out["numerator"])
             den += float(out["denominator"])
             for k, v in out.items():
@@ -603,9 +670,29 @@ class BaseTrainer(abc.ABC):
         return self.state.params if self.state is not None else self.params
 
     def save_model(self, output_dir: str | None = None) -> str:
-        """Write HF-format safetensors + config (+ tokenizer), loadable by transformers and trl_jax."""
+        """Write HF-format safetensors + config (+ tokenizer), loadable by transformers and trl_jax.
+
+        Several processes: every process must call it (the params are gathered to host, a collective); process 0
+        writes. ``output_dir`` may be a URL (``gs://``, ``s3://``, any epath/fsspec filesystem): the directory is
+        written locally, then copied there."""
         from trl_jax.models import save_pretrained
 
         output_dir = output_dir or self.args.output_dir
-        save_pretrained(self.model, self.trained_params, output_dir, tokenizer=self.processing_class)
+        params = gather_to_host(self.trained_params) if is_multiprocess() else self.trained_params
+        if is_main_process():
+            if is_url(output_dir):
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_pretrained(self.model, params, tmp, tokenizer=self.processing_class)
+                    dest = as_path(output_dir)
+                    dest.mkdir(parents=True, exist_ok=True)
+                    for p in dest.iterdir():  # stale weights of an earlier save would be picked up on load
+                        if p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json"):
+                            p.unlink()
+                    for name in sorted(os.listdir(tmp)):
+                        (dest / name).write_bytes(as_path(os.path.join(tmp, name)).read_bytes())
+            else:
+                save_pretrained(self.model, params, os.fspath(as_path(output_dir)), tokenizer=self.processing_class)
+        sync_processes("trl_jax:save_model")
         return output_dir

@@ -7,6 +7,10 @@ back to the step it resumes from (``truncate_jsonl``), a fresh run starts it emp
 
 TensorBoard files are written by a ~40-line writer (TFRecord framing of ``Event`` protos with scalar summaries),
 so no TensorFlow/torch/tensorboardX is needed; ``tensorboard --logdir <output_dir>/runs`` reads them.
+
+Multi-process runs: only process 0 writes (files, stdout, progress bar, W&B); every process keeps the same
+in-memory history. ``output_dir`` may be a URL (``gs://...``, any ``etils.epath`` / fsspec filesystem): files there
+are rewritten whole on each flush (object stores cannot append), local files are appended to.
 """
 
 from __future__ import annotations
@@ -17,6 +21,41 @@ import socket
 import struct
 import sys
 import time
+
+from trl_jax.train.checkpoint import as_path, is_url
+
+
+class AppendFile:
+    """A file opened for appending: a local file is appended to; on an object store (no append), the contents
+    are kept in memory and the whole object is rewritten on each :meth:`flush`."""
+
+    def __init__(self, path, binary: bool = False):
+        self.path = as_path(path)
+        self._binary = binary
+        self._remote = is_url(self.path)
+        if self._remote:
+            self._buf = bytearray(self.path.read_bytes()) if self.path.exists() else bytearray()
+            self._f = None
+        else:
+            self._f = open(os.fspath(self.path), "ab" if binary else "a", **({} if binary else {"encoding": "utf-8"}))
+
+    def write(self, data) -> None:
+        if self._remote:
+            self._buf += data if self._binary else data.encode("utf-8")
+        else:
+            self._f.write(data)
+
+    def flush(self) -> None:
+        if self._remote:
+            self.path.write_bytes(bytes(self._buf))
+        else:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._remote:
+            self.flush()
+        else:
+            self._f.close()
 
 # ---------------------------------------------------------------------- TensorBoard (TFRecord + Event proto)
 _CRC_TABLE = []
@@ -76,10 +115,10 @@ class TensorBoardWriter:
     """Append scalar summaries to ``<logdir>/events.out.tfevents.<time>.<host>``."""
 
     def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
+        as_path(logdir).mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.trl_jax"
-        self.path = os.path.join(logdir, name)
-        self._f = open(self.path, "ab")
+        self.path = os.fspath(as_path(logdir) / name)
+        self._f = AppendFile(self.path, binary=True)
         self._write(_event(time.time(), 0, file_version="brain.Event:2"))
 
     def _write(self, data: bytes) -> None:
@@ -99,8 +138,7 @@ class TensorBoardWriter:
 def read_tensorboard_scalars(path: str) -> list[tuple[int, str, float]]:
     """Decode the scalars of an event file written above: ``[(step, tag, value), ...]`` (used by tests)."""
     out = []
-    with open(path, "rb") as f:
-        data = f.read()
+    data = as_path(path).read_bytes()
     pos = 0
     while pos < len(data):
         (n,) = struct.unpack_from("<Q", data, pos)
@@ -188,42 +226,54 @@ def truncate_jsonl(path: str, step: int) -> int:
     """Rewrite a ``log_history.jsonl`` to the records of steps ``<= step`` (the step a run resumes from; 0 for a
     fresh run), so that a killed-and-resumed run logs every step once. Lines that do not parse (a write cut short
     by a kill) are dropped. Atomic (written aside, then renamed). Returns the number of records kept."""
-    if not os.path.exists(path):
+    path = as_path(path)
+    if not path.exists():
         return 0
     kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) and rec["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) and rec["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if is_url(path):  # an object is replaced atomically by a write
+        path.write_text("".join(kept), encoding="utf-8")
+        return len(kept)
+    tmp = os.fspath(path) + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
-    os.replace(tmp, path)
+    os.replace(tmp, os.fspath(path))
     return len(kept)
 
 
 class MetricsLogger:
     """Progress bar (loss, lr, tokens/s, ETA), one stdout line per log, JSONL history and TensorBoard scalars."""
 
-    def __init__(self, args, total_steps: int, *, start_step: int = 0, log_history: list | None = None):
+    def __init__(self, args, total_steps: int, *, start_step: int = 0, log_history: list | None = None,
+                 enabled: bool | None = None):
+        import jax
+
         self.args = args
         self.history = log_history if log_history is not None else []
-        self.jsonl_path = os.path.join(args.output_dir, "log_history.jsonl")
-        truncate_jsonl(self.jsonl_path, start_step)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self.jsonl_path = os.fspath(as_path(args.output_dir) / "log_history.jsonl")
+        # enabled: this process writes (process 0 of a multi-process run); the others only keep the history
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = None
         self._tb = None
         self._wandb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        truncate_jsonl(self.jsonl_path, start_step)
+        self._jsonl = AppendFile(self.jsonl_path)
         targets = _report_to(args)
         unsupported = targets - {"tensorboard", "wandb"}
         if unsupported:
             print(f"[trl_jax] report_to {sorted(unsupported)} is not supported; logging to JSONL/stdout"
                   + (" and TensorBoard" if "tensorboard" in targets else ""), file=sys.stderr)
         if "tensorboard" in targets:
-            self._tb = TensorBoardWriter(getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs"))
+            self._tb = TensorBoardWriter(getattr(args, "logging_dir", None) or os.fspath(as_path(args.output_dir) / "runs"))
         if "wandb" in targets:
             if not _wandb_available():
                 raise ImportError("report_to includes 'wandb' but wandb is not installed: `pip install wandb`.")
@@ -231,7 +281,6 @@ class MetricsLogger:
 
             self._wandb = wandb.run or wandb.init(project=os.environ.get("WANDB_PROJECT", getattr(args, "project", None)),
                                                   name=getattr(args, "run_name", None), config=_plain(args))
-        self._bar = None
         if not getattr(args, "disable_tqdm", False):
             try:
                 from tqdm.auto import tqdm
@@ -248,6 +297,8 @@ class MetricsLogger:
         rec = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in record.items()}
         rec["step"] = step
         self.history.append(rec)
+        if not self.enabled:
+            return
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -266,6 +317,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

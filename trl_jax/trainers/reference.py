@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from trl_jax.parallel import batch_parallel_size
+from trl_jax.parallel.distributed import gather_to_host
 from trl_jax.train.precision import cast_floating
-from trl_jax.trainers.base import _dtype, take_rows
+from trl_jax.trainers.base import _dtype
 
 
 def params_equal(a, b) -> jax.Array:
@@ -69,12 +70,15 @@ class ReferenceModelMixin:
                 continue
             columns: dict[str, list] = {}
             for start in range(0, len(ds), rows_per_batch):
-                rows = take_rows(ds, range(start, min(start + rows_per_batch, len(ds))))
-                out = jax.device_get(jitted(self.ref_model_params, self._device_batch(self._collate(rows, rows_per_batch))))
+                stop = min(start + rows_per_batch, len(ds))
+                # each process collates its rows of the batch; the [B] outputs are gathered to every process
+                # (each needs the whole column: later steps read other rows)
+                local = self._collate_local(ds, range(start, stop), rows_per_batch, collate=self._collate)
+                out = gather_to_host(jitted(self.ref_model_params, self._device_batch(local)))
                 for k, v in out.items():
                     if k in ds.column_names:
                         continue
-                    columns.setdefault(k, []).extend(np.asarray(v[:len(rows)], np.float32).tolist())
+                    columns.setdefault(k, []).extend(np.asarray(v[:stop - start], np.float32).tolist())
             for k, v in columns.items():
                 ds = ds.add_column(k, v)
             if split == "train":
