@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from trl_jax.models.attention import attend, build_mask, window_mask
 from trl_jax.models.config import ModelConfig
 from trl_jax.models.rope import apply_rope, rope_cos_sin
+from trl_jax.parallel.rules import constrain
 
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "labels", "value")
 
@@ -55,6 +56,14 @@ def _act(name: str):
     if name not in acts:
         raise ValueError(f"hidden_act {name!r} is not supported; supported: {sorted(acts)}.")
     return acts[name]
+
+
+# Activation layouts by logical name (trl_jax.parallel.rules): pinned only while a step or the sampler traces
+# under ``activation_sharding(mesh)``; a no-op otherwise.
+_EMBED = ("activation_batch", "activation_length", "activation_embed")
+_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+_KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+_MLP = ("activation_batch", "activation_length", "activation_mlp")
 
 
 class RMSNorm(nn.Module):
@@ -99,6 +108,8 @@ class Attention(nn.Module):
             q = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim", name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim", name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain(q, _HEADS)
+        k, v = constrain(k, _KV_HEADS), constrain(v, _KV_HEADS)
         new_kv = None
         if kv is not None:  # write this call's keys/values into the preallocated cache at cache_index
             ck, cv = kv
@@ -120,9 +131,8 @@ class MLP(nn.Module):
         c = self.cfg
         g = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="gate_proj")(x)
         u = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="up_proj")(x)
-        return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj")(
-            _act(c.hidden_act)(g) * u
-        )
+        hidden = constrain(_act(c.hidden_act)(g) * u, _MLP)
+        return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj")(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -134,11 +144,12 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, cos, sin, base_mask, q_slots, kv_slots, cache_index, window, kv):
         c = self.cfg
         mask = base_mask if window is None else base_mask & window_mask(q_slots, kv_slots, window)
+        x = constrain(x, _EMBED)  # block boundary: batch over (data, fsdp), the model dimension whole
         h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_layernorm")(x)
         a, new_kv = Attention(c, name="self_attn")(h, cos, sin, mask, kv, cache_index)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attention_layernorm")(x)
-        x = x + MLP(c, name="mlp")(h)
+        x = constrain(x + MLP(c, name="mlp")(h), _EMBED)
         return x, new_kv
 
 
