@@ -1,4 +1,5 @@
-"""Attention masks (causal + padding + segment + sliding window) and the ``jax.nn.dot_product_attention`` call.
+"""Attention masks (causal + padding + segment + sliding window) and the attention kernels: XLA's dense path,
+cuDNN (``jax.nn.dot_product_attention``) on GPU, and the Pallas splash kernel on TPU (:func:`attend` picks).
 
 Slots are token indices along the sequence (or KV cache); ``segment ids`` are ints with 0 = padding / empty slot.
 Tokens attend to earlier-or-equal slots of their own segment, so left padding, right padding and packed sequences
@@ -7,10 +8,14 @@ Tokens attend to earlier-or-equal slots of their own segment, so left padding, r
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from trl_jax.parallel.rules import activation_sharding, active_mesh, active_spec
 
 
 def segment_ids_from_attention_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
@@ -52,7 +57,7 @@ def window_mask(q_slots: jnp.ndarray, kv_slots: jnp.ndarray, window) -> jnp.ndar
 
 
 def _use_cudnn(impl: str, q: jnp.ndarray) -> bool:
-    if impl == "xla":
+    if impl in ("xla", "splash"):
         return False
     if impl == "cudnn":
         return True
@@ -66,12 +71,149 @@ def _use_cudnn(impl: str, q: jnp.ndarray) -> bool:
     )
 
 
-def attend(q, k, v, mask, *, scale: float, impl: str = "auto") -> jnp.ndarray:
+# ---------------------------------------------------------------------------------------------------------------------
+# Splash attention (Pallas TPU kernel from ``jax.experimental.pallas.ops.tpu.splash_attention``)
+
+# Run the splash kernel in Pallas' interpreter (any backend, CPU included): for tests and debugging only.
+SPLASH_INTERPRET = False
+# ``window`` value meaning "this layer's sliding window is only known at trace time" (per-layer windows under a
+# layer scan): the splash kernel's mask is static, so such calls use XLA attention.
+TRACED_WINDOW = -1
+_SPLASH_LANES = 128  # the kernel's sequence blocks are multiples of the TPU lane width
+_SPLASH_BLOCKS = (512, 256, 128)
+# ``auto`` on TPU takes splash from this sequence length on (shorter sequences: XLA's dense path is as fast)
+SPLASH_AUTO_MIN_LEN = 128
+
+
+def static_window(sliding_windows) -> int | None:
+    """The ``window`` argument of :func:`attend` for a model whose per-layer windows are ``sliding_windows``
+    (``ModelConfig.sliding_windows``): ``None`` without windows, the width when every layer has the same one,
+    :data:`TRACED_WINDOW` when layers differ."""
+    if sliding_windows is None or all(w is None for w in sliding_windows):
+        return None
+    ws = set(sliding_windows)
+    return int(next(iter(ws))) if len(ws) == 1 else TRACED_WINDOW
+
+
+def _splash_unavailable(q, k, segment_ids, window) -> str | None:
+    """Why the splash kernel cannot take this call (``None`` when it can)."""
+    if segment_ids is None:
+        return "no segment ids (cached / decode attention: queries are not the keys' own tokens)"
+    if q.shape[1] != k.shape[1]:
+        return f"query length {q.shape[1]} != key length {k.shape[1]}"
+    if window == TRACED_WINDOW:
+        return "sliding windows differ between layers (the kernel's mask is static)"
+    if q.shape[2] % k.shape[2]:
+        return f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads"
+    return None
+
+
+def _use_splash(impl: str, q, k, segment_ids, window) -> bool:
+    if impl == "splash":
+        why = _splash_unavailable(q, k, segment_ids, window)
+        if why is not None:
+            # cached (decode) attention is XLA's by design: said once at INFO; anything else is a WARNING
+            level = logging.INFO if segment_ids is None else logging.WARNING
+            _warn_once(("splash", why), "splash attention cannot run this call (%s); using XLA attention.", why,
+                       level=level)
+            return False
+        return True
+    return (impl == "auto" and jax.default_backend() == "tpu" and q.shape[1] >= SPLASH_AUTO_MIN_LEN
+            and _splash_unavailable(q, k, segment_ids, window) is None)
+
+
+def _block(length: int) -> int:
+    return next(b for b in _SPLASH_BLOCKS if length % b == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(num_heads: int, length: int, window: int | None, interpret: bool):
+    """A per-example kernel: ``q [N, T, H]``, ``k/v [K, T, H]`` (GQA by head groups), ``SegmentIds([T], [T])``.
+
+    Causal (or causal within ``window``: key ``k`` visible from query ``q`` when ``q - window < k <= q``, as
+    transformers' sliding window) and-ed with equal segment ids. ``length`` is a multiple of 128."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    shape = (length, length)
+    if window is None or window >= length:
+        head_mask = sa.CausalMask(shape=shape)
+    else:
+        head_mask = sa.LocalMask(shape=shape, window_size=(window - 1, 0), offset=0)
+    b = _block(length)
+    blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return sa.make_splash_mha_single_device(sa.MultiHeadMask([head_mask] * num_heads), block_sizes=blocks,
+                                            interpret=interpret)
+
+
+def splash_attention(q, k, v, segment_ids, *, scale: float, window: int | None = None,
+                     interpret: bool | None = None) -> jnp.ndarray:
+    """Self-attention through the Pallas splash kernel: ``q [B, T, N, H]``, ``k/v [B, T, K, H]`` (the same ``T``
+    tokens, at slots ``0..T-1``), ``segment_ids [B, T]`` (0 = padding) -> ``[B, T, N, H]``.
+
+    The mask is :func:`build_mask`'s (and :func:`window_mask`'s with a static ``window``): causal within a segment,
+    padding keys invisible, a padding query seeing only itself (each padding slot gets a segment of its own). ``T``
+    is padded up to a multiple of 128 with such one-slot segments. ``q`` is scaled before the kernel. Per-example
+    kernels are vmapped over the batch; under :func:`trl_jax.parallel.rules.activation_sharding` the call runs in
+    ``jax.shard_map`` over the batch axes (and the heads over ``tensor`` where both head counts divide), so SPMD
+    partitioning never sees the kernel.
+    """
+    interpret = SPLASH_INTERPRET if interpret is None else interpret
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    length = -(-t // _SPLASH_LANES) * _SPLASH_LANES
+    slots = jnp.arange(length, dtype=jnp.int32)
+    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, length - t)))
+    seg = jnp.where(seg == 0, -1 - slots[None], seg)  # padding: one segment per slot
+    # [B, T, N, H] -> [B, N, T, H], padded along T
+    pad = ((0, 0), (0, 0), (0, length - t), (0, 0))
+    qt = jnp.pad(jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2), pad)
+    kt = jnp.pad(jnp.swapaxes(k, 1, 2), pad)
+    vt = jnp.pad(jnp.swapaxes(v, 1, 2), pad)
+
+    def local(qt, kt, vt, seg):
+        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+        kernel = _splash_kernel(qt.shape[1], length, window, bool(interpret))
+        return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(s1, s1)))(qt, kt, vt, seg)
+
+    mesh = active_mesh()
+    if mesh is None:
+        out = local(qt, kt, vt, seg)
+    else:
+        bspec = active_spec(("activation_batch", None), (b, length))
+        baxes = bspec[0] if len(bspec) else None
+        hspec_q = active_spec((None, "activation_heads"), (1, n))
+        hspec_k = active_spec((None, "activation_kv_heads"), (1, kv_heads))
+        hq = hspec_q[1] if len(hspec_q) > 1 else None
+        hk = hspec_k[1] if len(hspec_k) > 1 else None
+        heads = hq if hq == hk else None  # both head counts split the same way, or neither is split
+        spec = PartitionSpec(baxes, heads, None, None)
+
+        def run(qt, kt, vt, seg):
+            with activation_sharding(None):
+                return local(qt, kt, vt, seg)
+
+        out = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(baxes, None)),
+                            out_specs=spec)(qt, kt, vt, seg)
+    return jnp.swapaxes(out[:, :, :t], 1, 2).astype(q.dtype)
+
+
+def attend(q, k, v, mask, *, scale: float, impl: str = "auto", segment_ids=None, window=None) -> jnp.ndarray:
     """``q [B, T, N, H]``, ``k/v [B, S, K, H]`` (GQA: K divides N), ``mask [B, 1, T, S]`` -> ``[B, T, N, H]``.
 
-    ``impl``: ``"cudnn"`` (GPU; an error if cuDNN refuses), ``"xla"``, or ``"auto"`` (cuDNN where it applies;
-    a cuDNN refusal is logged once and XLA used instead).
+    ``impl``: ``"xla"``; ``"cudnn"`` (GPU; an error if cuDNN refuses); ``"splash"`` (the Pallas TPU kernel, see
+    :func:`splash_attention`; calls it cannot take are logged once and run on XLA); ``"auto"``: splash on TPU
+    (sequences of at least :data:`SPLASH_AUTO_MIN_LEN`), cuDNN on GPU where it applies (a refusal is logged once and
+    XLA used instead), XLA otherwise (CPU).
+
+    ``segment_ids [B, T]`` (0 = padding) and ``window`` (a static sliding-window width, ``None`` for none,
+    :data:`TRACED_WINDOW` when only ``mask`` carries it) describe ``mask`` for kernels that build their own: pass
+    them only when the queries and keys are the same ``T`` tokens at slots ``0..T-1`` (forward passes without a
+    cache); ``mask`` must then equal ``build_mask(slots, slots, segment_ids, segment_ids)`` (and the window mask).
     """
+    if _use_splash(impl, q, k, segment_ids, window):
+        return splash_attention(q, k, v, segment_ids, scale=scale, window=None if window is None else int(window))
     if _use_cudnn(impl, q):
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
@@ -85,13 +227,17 @@ def attend(q, k, v, mask, *, scale: float, impl: str = "auto") -> jnp.ndarray:
 _FALLBACKS: set = set()
 
 
-def _warn_fallback(q, err) -> None:
-    key = (q.shape, str(q.dtype), type(err).__name__)
+def _warn_once(key, msg, *args, level: int = logging.WARNING) -> None:
     if key not in _FALLBACKS:
         _FALLBACKS.add(key)
-        logging.getLogger("trl_jax").warning(
-            "cuDNN attention unavailable for q %s %s (%s: %s); using XLA attention. Set attn_implementation='xla' "
-            "to silence this, or 'cudnn' to make it an error.", q.shape, q.dtype, type(err).__name__, err)
+        logging.getLogger("trl_jax").log(level, msg, *args)
+
+
+def _warn_fallback(q, err) -> None:
+    _warn_once(
+        (q.shape, str(q.dtype), type(err).__name__),
+        "cuDNN attention unavailable for q %s %s (%s: %s); using XLA attention. Set attn_implementation='xla' "
+        "to silence this, or 'cudnn' to make it an error.", q.shape, q.dtype, type(err).__name__, err)
 
 
 def xla_attention(q, k, v, mask, *, scale: float) -> jnp.ndarray:

@@ -20,8 +20,47 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # see trl_jax.models.attention.attend
 NO_WINDOW = 2**30  # a sliding window this wide is no window
+
+
+# transformers' (torch) ``attn_implementation`` names -> the JAX kernel choice that plays their part
+TORCH_ATTN_IMPLEMENTATIONS = {
+    "eager": "xla",
+    "sdpa": "xla",
+    "flex_attention": "xla",
+    "flash_attention_2": "auto",
+    "flash_attention_3": "auto",
+    "kernels-community/flash-attn": "auto",
+    "kernels-community/vllm-flash-attn3": "auto",
+}
+
+
+def resolve_attn_implementation(value) -> str:
+    """TRL/transformers' ``attn_implementation`` -> :attr:`ModelConfig.attention_impl`.
+
+    ``None`` -> ``"auto"``; ``auto``/``xla``/``cudnn``/``splash`` as they are; transformers' torch names map
+    (``eager``/``sdpa`` -> ``xla``, ``flash_attention_2``/``_3`` -> ``auto``) with one warning line; anything else
+    is a ``ValueError`` naming the choices.
+    """
+    if value is None:
+        return "auto"
+    name = str(value).strip()
+    if name in ATTENTION_IMPLS:
+        return name
+    if name in TORCH_ATTN_IMPLEMENTATIONS:
+        impl = TORCH_ATTN_IMPLEMENTATIONS[name]
+        import logging
+
+        logging.getLogger("trl_jax").warning(
+            "attn_implementation=%r is a transformers (torch) kernel; trl_jax uses attn_implementation=%r "
+            "(choices: %s).", name, impl, ", ".join(ATTENTION_IMPLS))
+        return impl
+    raise ValueError(
+        f"attn_implementation {value!r} is unknown; choose one of {', '.join(ATTENTION_IMPLS)} (auto: splash on "
+        f"TPU, cuDNN on GPU, XLA on CPU), or a transformers name that maps to one: "
+        f"{', '.join(sorted(TORCH_ATTN_IMPLEMENTATIONS))}."
+    )
 
 
 def _dtype(x):

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from trl_jax.models.attention import attend, build_mask, window_mask
+from trl_jax.models.attention import attend, build_mask, static_window, window_mask
 from trl_jax.models.config import ModelConfig
 from trl_jax.models.rope import apply_rope, rope_cos_sin
 from trl_jax.parallel.rules import constrain
@@ -98,7 +98,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, cache_index):
+    def __call__(self, x, cos, sin, mask, kv, cache_index, segment_ids=None):
         c = self.cfg
         N, K, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
         q = _dense((N, Hd), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="q_proj")(x)
@@ -117,7 +117,10 @@ class Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             new_kv = (ck, cv)
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        out = attend(q, k, v, mask, scale=Hd**-0.5, impl=c.attention_impl)
+        # segment ids (forward passes without a cache) let kernels that build their own mask (splash) run
+        seg = segment_ids if kv is None else None
+        out = attend(q, k, v, mask, scale=Hd**-0.5, impl=c.attention_impl, segment_ids=seg,
+                     window=static_window(c.sliding_windows))
         out = _dense(D, ("heads", "head_dim", "embed"), use_bias=c.o_bias, cfg=c, name="o_proj", axis=(-2, -1),
                      bias_axes=("embed",))(out)
         return out, new_kv
@@ -141,12 +144,12 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, base_mask, q_slots, kv_slots, cache_index, window, kv):
+    def __call__(self, x, cos, sin, base_mask, segment_ids, q_slots, kv_slots, cache_index, window, kv):
         c = self.cfg
         mask = base_mask if window is None else base_mask & window_mask(q_slots, kv_slots, window)
         x = constrain(x, _EMBED)  # block boundary: batch over (data, fsdp), the model dimension whole
         h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_layernorm")(x)
-        a, new_kv = Attention(c, name="self_attn")(h, cos, sin, mask, kv, cache_index)
+        a, new_kv = Attention(c, name="self_attn")(h, cos, sin, mask, kv, cache_index, segment_ids)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attention_layernorm")(x)
         x = constrain(x + MLP(c, name="mlp")(h), _EMBED)
@@ -182,7 +185,7 @@ class Decoder(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 6 + (0, 0),
+                in_axes=(nn.broadcast,) * 7 + (0, 0),
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c)
@@ -210,14 +213,16 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(c, positions, c.dtype)
         base_mask = build_mask(q_slots, kv_slots, q_segment_ids, kv_segment_ids)
         windows = jnp.asarray(c.window_array(), jnp.int32) if c.has_sliding_window else None
+        # queries are the keys' own tokens at slots 0..T-1 only without a cache (the model's forward passes)
+        seg = q_segment_ids if cache is None and q_segment_ids is kv_segment_ids else None
         if c.scan_layers:
-            x, new_cache = self.layers(x, cos, sin, base_mask, q_slots, kv_slots, cache_index, windows, cache)
+            x, new_cache = self.layers(x, cos, sin, base_mask, seg, q_slots, kv_slots, cache_index, windows, cache)
         else:
             ks, vs = [], []
             for i, layer in enumerate(self.layers):
                 w = None if windows is None else windows[i]
                 kv = None if cache is None else (cache[0][i], cache[1][i])
-                x, nkv = layer(x, cos, sin, base_mask, q_slots, kv_slots, cache_index, w, kv)
+                x, nkv = layer(x, cos, sin, base_mask, seg, q_slots, kv_slots, cache_index, w, kv)
                 if nkv is not None:
                     ks.append(nkv[0])
                     vs.append(nkv[1])
