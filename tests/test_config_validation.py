@@ -228,11 +228,41 @@ def test_torch_only_fields_of_model_and_script_args_warn():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        C.ModelConfig(attn_implementation="flash_attention_2")
+        C.ModelConfig(attn_implementation="flash_attention_2")  # used: maps to a JAX kernel (no torch warning)
         C.ScriptArguments(ignore_bias_buffers=True)
         C.SFTConfig(bf16=False, trust_remote_code=True, remove_unused_columns=False)
     msgs = [str(w.message) for w in caught if issubclass(w.category, C.TorchOnlyFieldWarning)]
-    assert len(msgs) == 3 and "attn_implementation" in msgs[0] and "ignore_bias_buffers" in msgs[1]
-    assert "remove_unused_columns" in msgs[2] and "trust_remote_code" in msgs[2]
+    assert len(msgs) == 2 and "ignore_bias_buffers" in msgs[0]
+    assert "remove_unused_columns" in msgs[1] and "trust_remote_code" in msgs[1]
     with pytest.raises(ValueError, match="save_strategy='best'"):
         C.SFTConfig(bf16=False, save_strategy="best")
+
+
+def test_attn_implementation_chooses_the_kernel(caplog):
+    """`attn_implementation` (trainer config, TRL's `model_init_kwargs`, the CLI's ModelConfig) -> the model's
+    `attention_impl`: JAX names as they are, transformers' torch names mapped with one warning line, unknown names
+    an error naming the choices."""
+    import logging
+
+    for value in ("auto", "xla", "cudnn", "splash"):
+        assert C.SFTConfig(bf16=False, attn_implementation=value).attn_implementation == value
+        assert C.ModelConfig(attn_implementation=value).attn_implementation == value
+    assert C.SFTConfig(bf16=False).attn_implementation is None and C.ModelConfig().attn_implementation is None
+    with caplog.at_level(logging.WARNING, logger="trl_jax"):
+        caplog.clear()
+        assert C.DPOConfig(bf16=False, attn_implementation="eager").attn_implementation == "xla"
+        assert len([r for r in caplog.records if "attn_implementation" in r.getMessage()]) == 1
+        assert C.ModelConfig(attn_implementation="sdpa").attn_implementation == "xla"
+        assert C.ModelConfig(attn_implementation="flash_attention_2").attn_implementation == "auto"
+        kw = C.GRPOConfig(bf16=False, model_init_kwargs={"attn_implementation": "flash_attention_3"})
+        assert kw.attn_implementation == "auto"
+    assert C.KTOConfig(bf16=False, model_init_kwargs='{"attn_implementation": "splash"}').attn_implementation \
+        == "splash"
+    with pytest.raises(ValueError, match="attn_implementation 'flash'.*auto, xla, cudnn, splash"):
+        C.SFTConfig(bf16=False, attn_implementation="flash")
+    with pytest.raises(ValueError, match="attn_implementation 'fast'.*auto, xla, cudnn, splash"):
+        C.ModelConfig(attn_implementation="fast")
+    with pytest.raises(ValueError, match="disagree"):
+        C.SFTConfig(bf16=False, attn_implementation="xla", model_init_kwargs={"attn_implementation": "splash"})
+    run = C.load_config({"attn_implementation": "splash"}, C.SFTConfig)
+    assert run.model_args.attn_implementation == "splash"

@@ -146,6 +146,8 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     if run.model_args.dtype not in (None, "auto", "float32") and args.param_dtype == "float32":
         # TRL's `dtype` is the dtype the model is loaded in: the parameters.
         args.param_dtype = run.model_args.dtype
+    if run.model_args.attn_implementation is not None and args.attn_implementation is None:
+        args.attn_implementation = run.model_args.attn_implementation  # TRL's ModelConfig field: the kernel
     train, eval_ds = _datasets(run, split_names=command == "sft")
     model = _model_id(run)
     if command in ("grpo", "online-dpo"):

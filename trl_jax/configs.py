@@ -87,7 +87,7 @@ TORCH_ONLY_FIELDS: frozenset[str] = frozenset(
         "vllm_importance_sampling_clip_max", "vllm_importance_sampling_cap",
         # transformers Trainer / modelling internals with no counterpart here (trl_jax's models have no dropout,
         # always reduce log-probs in fp32, never drop dataset columns by signature, and are deterministic)
-        "trust_remote_code", "attn_implementation", "disable_dropout", "cast_lm_head_to_fp32", "full_determinism",
+        "trust_remote_code", "disable_dropout", "cast_lm_head_to_fp32", "full_determinism",
         "remove_unused_columns", "label_names", "length_column_name", "log_level", "logging_nan_inf_filter",
         "eval_accumulation_steps", "eval_do_concat_batches", "prediction_loss_only", "do_train", "do_predict",
         "log_multimodal", "ignore_bias_buffers",
@@ -151,6 +151,7 @@ JAX_FIELDS: tuple[str, ...] = (
     "pad_to_multiple_of",
     "overwrite_output_dir",
     "max_consecutive_nonfinite_updates",
+    "attn_implementation",
 )
 
 # Fields that trl_jax adds to the configs of the trainers that generate (GRPOConfig, OnlineDPOConfig) only.
@@ -158,6 +159,23 @@ GENERATION_JAX_FIELDS: tuple[str, ...] = ("decode_layout", "decode_block_size")
 # `decode_layout` values: the policy cast to the compute dtype and resharded for decoding (see
 # trl_jax.generation.prepare_decode_params), or None to sample with the training params as they are.
 DECODE_LAYOUT_CHOICES: tuple = ("auto", "replicated", "tensor", None)
+
+
+def _resolve_attn_implementation(value, model_init_kwargs=None) -> str | None:
+    """`attn_implementation` (or TRL's `model_init_kwargs["attn_implementation"]`) -> auto / xla / cudnn / splash
+    (`trl_jax.models.config.resolve_attn_implementation`: transformers' names map with one warning line, unknown
+    names are an error naming the choices); None when neither is set."""
+    from trl_jax.models.config import resolve_attn_implementation
+
+    from_kwargs = model_init_kwargs.get("attn_implementation") if isinstance(model_init_kwargs, dict) else None
+    if value is None and from_kwargs is None:
+        return None
+    resolved = resolve_attn_implementation(value if value is not None else from_kwargs)
+    if value is not None and from_kwargs is not None and from_kwargs != value \
+            and resolve_attn_implementation(from_kwargs) != resolved:
+        raise ValueError(f"`attn_implementation`={value!r} and `model_init_kwargs['attn_implementation']`="
+                         f"{from_kwargs!r} disagree; set one of them.")
+    return resolved
 
 
 def _check_generation_fields(cfg) -> None:
@@ -468,6 +486,9 @@ class TrainingArgumentsJax(_ConfigMixin):
     pad_to_multiple_of: int | str | None = "auto"
     overwrite_output_dir: bool = False
     max_consecutive_nonfinite_updates: int = 3
+    # attention kernel: auto (splash on TPU, cuDNN on GPU, XLA on CPU) / xla / cudnn / splash; transformers' names
+    # map (eager/sdpa -> xla, flash_attention_2/3 -> auto); `model_init_kwargs["attn_implementation"]` sets it too
+    attn_implementation: str | None = None
 
     def __post_init__(self):
         self._refuse_not_supported()
@@ -482,6 +503,8 @@ class TrainingArgumentsJax(_ConfigMixin):
             value = getattr(self, name, None)
             if isinstance(value, str) and value.startswith("{"):
                 setattr(self, name, json.loads(value))
+        self.attn_implementation = _resolve_attn_implementation(self.attn_implementation,
+                                                                getattr(self, "model_init_kwargs", None))
         # transformers 5: `gradient_checkpointing` is an alias of `activation_checkpointing`.
         if self.activation_checkpointing is None and self.gradient_checkpointing is not None:
             self.activation_checkpointing = self.gradient_checkpointing
@@ -1017,7 +1040,8 @@ class OnlineDPOConfig(BaseConfig):
 @dataclass
 class ModelConfig(_ConfigMixin):
     """Field names and defaults of `trl.ModelConfig`. PEFT/quantization fields are refused when set
-    (`NOT_SUPPORTED_FIELDS`); `attn_implementation` is PyTorch-only (warned, ignored)."""
+    (`NOT_SUPPORTED_FIELDS`); `attn_implementation` picks the attention kernel (auto / xla / cudnn / splash;
+    transformers' names map) and is passed on to the trainer config by the CLI."""
 
     model_name_or_path: str | None = None
     model_revision: str = "main"
@@ -1042,6 +1066,7 @@ class ModelConfig(_ConfigMixin):
     def __post_init__(self):
         self._refuse_not_supported()
         self._warn_torch_only()
+        self.attn_implementation = _resolve_attn_implementation(self.attn_implementation)
 
 
 @dataclass
