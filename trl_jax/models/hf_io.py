@@ -213,7 +213,7 @@ def from_pretrained(
     Returns ``(model, params)``. Each tensor is read from its safetensors file (sharded checkpoints through
     ``model.safetensors.index.json``) and put on its final sharding as it is read: ``shardings`` (a tree
     matching the params) if given, else from ``mesh`` + ``rules`` (logical axis rules, default
-    :data:`trl_jax.models.sharding.DEFAULT_RULES`), else the first local device. ``value_head=True`` adds TRL's
+    :data:`trl_jax.parallel.rules.DEFAULT_RULES`), else the first local device. ``value_head=True`` adds TRL's
     ``v_head`` (loaded when the checkpoint has ``v_head.summary.*``, else randomly initialized from ``seed``).
     """
     directory = resolve_checkpoint_dir(path_or_hub_id, revision=revision, token=token)
