@@ -28,7 +28,7 @@ from .formats import (
     validate_dataset_format,
 )
 from .decode import decode_and_strip_padding, strip_reasoning
-from .loading import load_dataset_any, load_dataset_mixture
+from .loading import DatasetFileError, load_dataset_any, load_dataset_mixture, mixture_row_counts
 from .packing import (
     PACKING_STRATEGIES,
     pack_dataset,
@@ -36,6 +36,7 @@ from .packing import (
     position_ids_from_seq_lengths,
     segment_ids_from_seq_lengths,
 )
+from .utils import flush_left, flush_right, truncate_dataset
 from .tokenization import (
     add_kl_completion_ids,
     build_labels,

@@ -20,7 +20,7 @@ from trl_jax.generation.processors import (
     top_k,
     top_p,
 )
-from trl_jax.generation.repeat import repeat_for_generations
+from trl_jax.generation.repeat import RepeatSampler, TorchCPUGenerator, repeat_for_generations
 from trl_jax.generation.sampler import (
     DECODE_LAYOUTS,
     GenerationOutput,
@@ -37,7 +37,9 @@ from trl_jax.generation.sampler import (
 __all__ = [
     "DECODE_LAYOUTS",
     "GenerationOutput",
+    "RepeatSampler",
     "SamplingConfig",
+    "TorchCPUGenerator",
     "completion_mask_from_ids",
     "decode_segments",
     "generate",
