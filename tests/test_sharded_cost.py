@@ -187,3 +187,21 @@ def test_reference_model_is_held_in_the_compute_dtype(model_dir, tmp_path):
     tr._build(1)
     assert {x.dtype for x in jax.tree.leaves(tr.state.ref_params)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(tr.state.params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_after_start_up_only_the_train_state_is_alive(model_dir, tmp_path):
+    """After ``_build`` the live device buffers are the train state's (fp32 params, Adam moments, a bf16 reference)
+    and nothing else of that size: no leftover copy of the loaded weights or of the reference."""
+    import gc
+
+    gc.collect()
+    before = {id(x) for x in jax.live_arrays()}
+    tr = _trainer("dpo", model_dir, str(tmp_path / "dpo"), bf16=True)
+    tr._build(1)
+    gc.collect()
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(tr.state))
+    live = sum(x.nbytes for x in jax.live_arrays() if id(x) not in before)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(tr.state.params))
+    # params (fp32) + two fp32 Adam moments + a bf16 reference = 3.5 x the fp32 params
+    assert state_bytes >= 3.5 * param_bytes
+    assert live <= state_bytes + 0.05 * param_bytes, (live, state_bytes, param_bytes)
