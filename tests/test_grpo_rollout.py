@@ -223,12 +223,29 @@ def test_sampler_logps_are_the_recomputed_old_logps(tmp_path, kw):
         np.testing.assert_allclose(np.asarray(a.metrics[k]), np.asarray(b.metrics[k]), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(repetition_penalty=1.2)])
-def test_warped_sampling_recomputes_old_logps(tmp_path, kw):
-    args = grpo_args(tmp_path, steps_per_generation=2, **kw)
+def _bare_trainer(args, dtype):
+    from types import SimpleNamespace
+
     tr = GRPOTrainer.__new__(GRPOTrainer)
     tr.args, tr.eos_token_ids, tr.pad_token_id = args, [1], 0
+    tr.model = SimpleNamespace(config=SimpleNamespace(dtype=dtype))
+    return tr
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(repetition_penalty=1.2)])
+def test_warped_sampling_recomputes_old_logps(tmp_path, kw):
+    assert _bare_trainer(grpo_args(tmp_path, steps_per_generation=2), jnp.float32).sampler_logps_are_exact()
+    tr = _bare_trainer(grpo_args(tmp_path, steps_per_generation=2, **kw), jnp.float32)
     assert not tr.sampler_logps_are_exact()
+    tr.reuse_sampler_logps = "always"
+    assert not tr.sampler_logps_are_exact()
+
+
+def test_bf16_sampler_logps_recomputed_unless_asked(tmp_path):
+    tr = _bare_trainer(grpo_args(tmp_path, steps_per_generation=2), jnp.bfloat16)
+    assert not tr.sampler_logps_are_exact()  # KV-cache decode and full forward differ by bf16 rounding
+    tr.reuse_sampler_logps = "always"
+    assert tr.sampler_logps_are_exact()
 
 
 def test_old_logps_dispatched_before_host_work_same_values(tmp_path, monkeypatch):

@@ -438,16 +438,22 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
 
     def sampler_logps_are_exact(self) -> bool:
         """Are the sampler's log-probs those of the training forward's distribution (``log_softmax(logits /
-        temperature)`` of the same params)? True unless a warper or penalty reshapes the sampling distribution
-        (``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``): the sampler's log-probs are then exactly TRL's
-        recomputed ``old_per_token_logps`` (up to floating-point association), and GRPO uses them instead of a second
-        forward pass (:attr:`reuse_sampler_logps`)."""
+        temperature)`` of the same params, in fp32)? True unless a warper or penalty reshapes the sampling
+        distribution (``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``) or the model computes in a low
+        precision (bf16: the KV-cache decode and the full forward then differ by bf16 rounding, so on the first
+        iteration the ratio would not be exactly 1 as in TRL). The sampler's log-probs are then TRL's recomputed
+        ``old_per_token_logps`` up to fp32 association, and GRPO uses them instead of a second forward pass
+        (:attr:`reuse_sampler_logps`)."""
         kw = self._sampling_kwargs()
-        return (kw["top_k"] is None and kw["top_p"] is None and kw["min_p"] in (None, 0.0)
-                and kw["repetition_penalty"] is None)
+        dtype = getattr(getattr(self.model, "config", None), "dtype", None)
+        fp32 = dtype is not None and jnp.dtype(dtype) == jnp.float32
+        unwarped = (kw["top_k"] is None and kw["top_p"] is None and kw["min_p"] in (None, 0.0)
+                    and kw["repetition_penalty"] is None)
+        return unwarped and (fp32 or self.reuse_sampler_logps == "always")
 
     #: Use the sampler's log-probs as ``old_per_token_logps`` where TRL recomputes them at generation time and they
-    #: are the same distribution (:meth:`sampler_logps_are_exact`); False always recomputes them (TRL's code path).
+    #: are the same distribution (:meth:`sampler_logps_are_exact`); ``"always"`` also in bf16 (the sampler's own
+    #: rounding, as TRL's vLLM log-probs); False always recomputes them (TRL's code path).
     reuse_sampler_logps = True
 
     def _token_logps(self, params, batch, *, entropy=False):
