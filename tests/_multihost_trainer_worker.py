@@ -1,14 +1,9 @@
-"""One process of the multi-host trainer test (``tests/test_multihost_trainers.py``).
+"""The runs of the multi-host trainer test (``tests/test_multihost_trainers.py``).
 
-``python _multihost_trainer_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR ROLE``
-
-* ``NUM_PROCESSES=2``: ``jax.distributed`` on localhost (gloo), 4 CPU devices per process; ``NUM_PROCESSES=1``: one
-  process with 8 CPU devices. Either way the mesh has 8 devices.
-* ROLE ``train``: SFT (eval, checkpoints, ``save_model``) then DPO (precomputed reference log-probs, gradient
-  accumulation) into ``WORKDIR/<tag>/{sft,dpo}`` with ``<tag>`` = ``mp`` (2 processes) or ``sp`` (1 process;
-  ``output_dir`` given as a ``file://`` URL). ROLE ``resume``: one process resumes ``WORKDIR/mp/sft``'s step-2
-  checkpoint (written by 2 processes) into ``WORKDIR/resume`` and trains to step 4.
-Per-step losses go to ``WORKDIR/result-<tag>-<process>.json`` (outside the output dirs).
+As a script, one process of a 2-process run: ``python _multihost_trainer_worker.py PROCESS_ID 2 PORT WORKDIR``
+(``jax.distributed`` on localhost with gloo, 4 CPU devices per process) runs :func:`train_both` into
+``WORKDIR/mp`` and writes its per-step losses to ``WORKDIR/result-mp-<process>.json`` (outside the output dirs).
+The test runs the same functions in its own process (8 CPU devices) for the one-process side.
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ import shutil
 import sys
 
 STEPS = 4
+MODEL = "builtin:tiny-qwen3"
 
 
 def _sft_config(output_dir, **kw):
@@ -39,55 +35,64 @@ def _losses(trainer):
     }
 
 
-def main(pid: int, nproc: int, port: int, workdir: str, role: str) -> None:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-
-    if nproc > 1:
-        from trl_jax.parallel import initialize_distributed
-
-        initialize_distributed(f"127.0.0.1:{port}", nproc, pid)
-    assert jax.device_count() == 8 and jax.process_count() == nproc, (jax.device_count(), jax.process_count())
-
+def train_both(workdir: str, tag: str, url=lambda p: p) -> dict:
+    """SFT (eval, checkpoints every 2 steps, save_model) then DPO (precomputed reference, gradient accumulation)
+    under ``workdir/tag``; returns the per-step train / eval losses."""
     from trl_jax.configs import DPOConfig
     from trl_jax.data.loading import load_dataset_any
     from trl_jax.trainers import DPOTrainer, SFTTrainer
 
-    model = "builtin:tiny-qwen3"
-    sft_train = load_dataset_any("builtin:arithmetic_sft").select(range(40))
-    sft_eval = load_dataset_any("builtin:arithmetic_sft", split="test").select(range(11))
-    out = {}
-    if role == "train":
-        tag = "mp" if nproc > 1 else "sp"
-        root = os.path.join(workdir, tag)
-        url = (lambda p: p) if nproc > 1 else (lambda p: "file://" + p)  # one process: output_dir as a URL
-        sft = SFTTrainer(model, args=_sft_config(url(os.path.join(root, "sft"))), train_dataset=sft_train,
-                         eval_dataset=sft_eval)
-        sft.train()
-        sft.save_model(url(os.path.join(root, "sft", "final")))
-        out["sft"] = _losses(sft)
-        pref = load_dataset_any("builtin:arithmetic_preference").select(range(40))
-        dpo = DPOTrainer(model, args=DPOConfig(
-            output_dir=url(os.path.join(root, "dpo")), max_steps=STEPS, per_device_train_batch_size=1,
-            gradient_accumulation_steps=2, per_device_eval_batch_size=1, learning_rate=1e-3, max_length=None,
-            precompute_ref_log_probs=True, logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="no",
-            bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0),
-            train_dataset=pref.select(range(32)), eval_dataset=pref.select(range(32, 40)))
-        dpo.train()
-        out["dpo"] = _losses(dpo)
-    else:
-        tag = "resume"
-        dest = os.path.join(workdir, "resume")
-        shutil.copytree(os.path.join(workdir, "mp", "sft", "checkpoints"), os.path.join(dest, "checkpoints"))
-        sft = SFTTrainer(model, args=_sft_config("file://" + dest), train_dataset=sft_train, eval_dataset=sft_eval)
-        sft.train(resume_from_checkpoint="file://" + os.path.join(dest, "checkpoints", "2"))
-        out["sft"] = _losses(sft)
-    with open(os.path.join(workdir, f"result-{tag}-{pid}.json"), "w", encoding="utf-8") as f:
+    root = os.path.join(workdir, tag)
+    sft_train, sft_eval = _sft_data()
+    sft = SFTTrainer(MODEL, args=_sft_config(url(os.path.join(root, "sft"))), train_dataset=sft_train,
+                     eval_dataset=sft_eval)
+    sft.train()
+    sft.save_model(url(os.path.join(root, "sft", "final")))
+    out = {"sft": _losses(sft)}
+    pref = load_dataset_any("builtin:arithmetic_preference").select(range(40))
+    dpo = DPOTrainer(MODEL, args=DPOConfig(
+        output_dir=url(os.path.join(root, "dpo")), max_steps=STEPS, per_device_train_batch_size=1,
+        gradient_accumulation_steps=2, per_device_eval_batch_size=1, learning_rate=1e-3, max_length=None,
+        precompute_ref_log_probs=True, logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="no",
+        bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0),
+        train_dataset=pref.select(range(32)), eval_dataset=pref.select(range(32, 40)))
+    dpo.train()
+    out["dpo"] = _losses(dpo)
+    return out
+
+
+def resume_sft(checkpoints: str, dest: str) -> dict:
+    """Copy a checkpoints directory to ``dest`` and resume its step 2 there (``file://`` URLs) to step 4."""
+    from trl_jax.trainers import SFTTrainer
+
+    shutil.copytree(checkpoints, os.path.join(dest, "checkpoints"))
+    sft_train, sft_eval = _sft_data()
+    sft = SFTTrainer(MODEL, args=_sft_config("file://" + dest), train_dataset=sft_train, eval_dataset=sft_eval)
+    sft.train(resume_from_checkpoint="file://" + os.path.join(dest, "checkpoints", "2"))
+    return {"sft": _losses(sft)}
+
+
+def _sft_data():
+    from trl_jax.data.loading import load_dataset_any
+
+    return (load_dataset_any("builtin:arithmetic_sft").select(range(40)),
+            load_dataset_any("builtin:arithmetic_sft", split="test").select(range(11)))
+
+
+def main(pid: int, nproc: int, port: int, workdir: str) -> None:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    from trl_jax.parallel import initialize_distributed
+
+    initialize_distributed(f"127.0.0.1:{port}", nproc, pid)
+    assert jax.device_count() == 8 and jax.process_count() == nproc, (jax.device_count(), jax.process_count())
+    out = train_both(workdir, "mp")
+    with open(os.path.join(workdir, f"result-mp-{pid}.json"), "w", encoding="utf-8") as f:
         json.dump(out, f)
-    if nproc > 1:
-        jax.distributed.shutdown()
+    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
