@@ -158,7 +158,7 @@ def memory_gcs(monkeypatch):
     backend.fsspec_backend._get_filesystem.cache_clear()
 
 
-def test_logs_counters_lock_and_save_model_on_an_fsspec_url(memory_gcs, tmp_path, _cache, monkeypatch):
+def test_dataset_logs_lock_and_save_model_on_an_fsspec_url(memory_gcs, tmp_path, _cache, monkeypatch):
     from trl_jax.configs import SFTConfig
     from trl_jax.data.loading import load_dataset_any
     from trl_jax.trainers import SFTTrainer
@@ -169,8 +169,8 @@ def test_logs_counters_lock_and_save_model_on_an_fsspec_url(memory_gcs, tmp_path
     args = SFTConfig(output_dir=url, max_steps=2, per_device_train_batch_size=1, learning_rate=1e-3, max_length=48,
                      logging_steps=1, save_strategy="no", bf16=False, gradient_checkpointing=False,
                      disable_tqdm=True, report_to="tensorboard")
-    trainer = SFTTrainer("builtin:tiny-qwen3", args=args,
-                         train_dataset=load_dataset_any("builtin:arithmetic_sft").select(range(16)))
+    load_dataset_any("builtin:arithmetic_sft").select(range(16)).save_to_disk("gs://bucket/data")
+    trainer = SFTTrainer("builtin:tiny-qwen3", args=args, train_dataset="gs://bucket/data")  # read from the URL
     trainer.train()
     trainer.save_model(url + "/final")
     root = as_path(url)

@@ -168,19 +168,19 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     result = {}
     if command == "sft" and trainer.eval_dataset is not None:
         result["exact_match_before"] = trainer.completion_exact_match()
-        print(f"[trl-jax] held-out exact match before training: {result['exact_match_before']:.3f}", flush=True)
+        _say(f"[trl-jax] held-out exact match before training: {result['exact_match_before']:.3f}", flush=True)
     out = trainer.train()
     result["train_loss"] = out.training_loss
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
         result.update(metrics)
-        print("[trl-jax] eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        _say("[trl-jax] eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
     if command == "sft" and trainer.eval_dataset is not None:
         result["exact_match_after"] = trainer.completion_exact_match()
-        print(f"[trl-jax] held-out exact match after training: {result['exact_match_after']:.3f} "
+        _say(f"[trl-jax] held-out exact match after training: {result['exact_match_after']:.3f} "
               f"(before: {result['exact_match_before']:.3f})", flush=True)
     path = trainer.save_model(args.output_dir)
-    print(f"[trl-jax] saved model and tokenizer to {path}", flush=True)
+    _say(f"[trl-jax] saved model and tokenizer to {path}", flush=True)
     return result
 
 
@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="trl-jax", description="TRL's trainers in JAX.")
     parser.add_argument("command", choices=TRAINERS + ("env", "compare"))
     parser.add_argument("--config", help="YAML run config (TRL format)")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host run: call jax.distributed.initialize() first (coordinator, process count and "
+                             "id detected on Cloud TPU, SLURM, Open MPI, Kubernetes); run the same command on every host")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     ns, extra = parser.parse_known_args(argv)
     debug = ns.debug or os.environ.get("TRL_JAX_DEBUG") == "1"
@@ -241,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if debug or usage else " (rerun with --debug for the traceback)"
         print(f"trl-jax: error: {_one_line(e)}{hint}", file=sys.stderr, flush=True)
         return 2 if usage else 1
+
+
+def _say(*args, **kwargs) -> None:
+    """``print`` on process 0 only (a multi-host run prints its results once)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(*args, **kwargs)
 
 
 def _run(ns, extra) -> int:

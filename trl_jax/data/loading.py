@@ -61,6 +61,18 @@ def load_dataset_any(source: Any, *, split: str | None = "train", name: str | No
         from .builtin import load_builtin_dataset
 
         return load_builtin_dataset(source.split(":", 1)[1], split=split or "train")
+    if source.startswith("file://"):  # a local path written as a URL
+        from trl_jax.train.checkpoint import path_str
+
+        source = path_str(source)
+    elif "://" in source and not source.startswith("hf://"):
+        # gs://, s3://, any fsspec URL: a file is read by the builder of its extension (datasets speaks fsspec), a
+        # directory written by save_to_disk with load_from_disk
+        from trl_jax.train.checkpoint import as_path
+
+        remote = as_path(source)
+        if (remote / "dataset_info.json").exists() or (remote / "dataset_dict.json").exists():
+            return _pick_split(datasets.load_from_disk(source), split, f"The saved dataset {source}")
     ext = os.path.splitext(source)[1].lower()
     if ext in _FILE_BUILDERS:
         json_logger = logging.getLogger("datasets.packaged_modules.json.json")
@@ -71,7 +83,7 @@ def load_dataset_any(source: Any, *, split: str | None = "train", name: str | No
             return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=source, split="train", streaming=streaming,
                                          **kwargs)
         except Exception:  # noqa: BLE001 -- diagnosed below, re-raised as is when the file looks fine
-            if _FILE_BUILDERS[ext] != "json":
+            if _FILE_BUILDERS[ext] != "json" or "://" in source:
                 raise
             problem = _diagnose_json_files(source)
             if problem is None:
