@@ -298,10 +298,16 @@ def test_train_save_resume(tmp_path):
                        train_dataset=dataset())
     part.args.max_steps = 2
     part.train()
+    # a kill after step 3's completions were written but before its checkpoint: the resumed run rewrites them
+    with open(tmp_path / "part" / "completions.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "prompt": "stale"}) + "\n")
     resumed = GRPOTrainer(MODEL, reward_funcs=digit_reward, args=make_args(tmp_path / "part", **kw),
                           train_dataset=dataset())
     resumed.train(resume_from_checkpoint=True)
     assert int(resumed.state.step) == 3
+    table = [json.loads(x) for x in open(tmp_path / "part" / "completions.jsonl")]
+    assert sorted(r["step"] for r in table) == [1] * 16 + [2] * 16 + [3] * 16
+    assert all(r["prompt"] != "stale" for r in table)
     for a, b in zip(jax.tree.leaves(full.state.params), jax.tree.leaves(resumed.state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 

@@ -47,6 +47,7 @@ from trl_jax.losses.grpo import grpo_advantages, grpo_loss, truncated_completion
 from trl_jax.ops import fused_log_probs
 from trl_jax.parallel import batch_parallel_size
 from trl_jax.trainers.base import BaseTrainer, prompt_columns, reject_unsupported
+from trl_jax.trainers.logging import truncate_jsonl
 from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
 _PROMPT_BUCKET = 8
@@ -659,6 +660,14 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         if self._should(args.logging_strategy, args.logging_steps, done, self.steps_per_epoch(), total) or (
                 args.logging_first_step and done == 1) or done == total:
             self._write_completions(done)
+
+    def _resume(self, resume_from_checkpoint, ckpt) -> int:
+        """Also rewrite ``completions.jsonl`` to the steps up to the one resumed from (a fresh run: empty), so a
+        killed-and-resumed run lists each step's completions once."""
+        start = super()._resume(resume_from_checkpoint, ckpt)
+        if jax.process_index() == 0:
+            truncate_jsonl(os.path.join(self.args.output_dir, "completions.jsonl"), start)
+        return start
 
     def _write_completions(self, step: int) -> None:
         if not self._table:
