@@ -17,7 +17,7 @@ from trl_jax.data.tokenization import prepare_sft_dataset
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.sft import shift_labels, sft_loss
 from trl_jax.ops import fused_log_probs
-from trl_jax.trainers.base import BaseTrainer, reject_unsupported, take_rows
+from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 
 
 class SFTTrainer(BaseTrainer):
@@ -102,11 +102,14 @@ class SFTTrainer(BaseTrainer):
 
             self._exact_match_fn = jax.jit(fn)
         from trl_jax.parallel import batch_parallel_size
+        from trl_jax.parallel.distributed import gather_to_host
 
         rows_per_batch = self.args.per_device_eval_batch_size * batch_parallel_size(self.mesh)
         hits = 0
         for start in range(0, len(ds), rows_per_batch):
-            rows = take_rows(ds, range(start, min(start + rows_per_batch, len(ds))))
-            ok = jax.device_get(self._exact_match_fn(params, self._device_batch(self._collate(rows, rows_per_batch))))
-            hits += int(np.sum(ok[:len(rows)]))
+            indices = range(start, min(start + rows_per_batch, len(ds)))
+            # each process collates only its rows; the per-row flags are gathered from every process
+            batch = self._device_batch(self._collate_local(ds, indices, rows_per_batch, collate=self._collate))
+            ok = gather_to_host(self._exact_match_fn(params, batch))
+            hits += int(np.sum(np.asarray(ok)[:len(indices)]))
         return hits / len(ds)
