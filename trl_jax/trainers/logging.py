@@ -5,8 +5,8 @@ back to the step it resumes from (``truncate_jsonl``), a fresh run starts it emp
 
 ``report_to``: ``"tensorboard"``, ``"wandb"`` (when installed), ``"all"`` (both where available) or ``"none"``.
 
-TensorBoard files are written by a ~40-line writer (TFRecord framing of ``Event`` protos with scalar summaries),
-so no TensorFlow/torch/tensorboardX is needed; ``tensorboard --logdir <output_dir>/runs`` reads them.
+TensorBoard event files hold tensorboardX's ``Event`` protos (scalar summaries) in TFRecord framing, written
+through :class:`AppendFile`; ``tensorboard --logdir <output_dir>/runs`` reads them.
 
 Multi-process runs: only process 0 writes (files, stdout, progress bar, W&B); every process keeps the same
 in-memory history. ``output_dir`` may be a URL (``gs://...``, any ``etils.epath`` / fsspec filesystem): files there
@@ -57,143 +57,67 @@ class AppendFile:
         else:
             self._f.close()
 
-# ---------------------------------------------------------------------- TensorBoard (TFRecord + Event proto)
-_CRC_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-    _CRC_TABLE.append(_c)
+# ---------------------------------------------------------------------- TensorBoard (tensorboardX protos)
 
 
-def _crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+def _record(data: bytes) -> bytes:
+    """TFRecord framing: length, masked CRC32C of the length, payload, masked CRC32C of the payload."""
+    from tensorboardX.record_writer import masked_crc32c
 
-
-def _masked_crc(data: bytes) -> int:
-    crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-    return _varint((num << 3) | wire) + payload
-
-
-def _len_field(num: int, data: bytes) -> bytes:
-    return _field(num, 2, _varint(len(data)) + data)
-
-
-def _event(wall_time: float, step: int, *, scalars: dict | None = None, file_version: str | None = None) -> bytes:
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _len_field(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _len_field(1, _len_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
-            for tag, v in scalars.items()
-        )
-        msg += _len_field(5, values)
-    return msg
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
 
 
 class TensorBoardWriter:
-    """Append scalar summaries to ``<logdir>/events.out.tfevents.<time>.<host>``."""
+    """Append scalar summaries to ``<logdir>/events.out.tfevents.<time>.<host>``: ``Event`` protos built by
+    tensorboardX (``summary.scalar``), framed as TFRecords and written through :class:`AppendFile` (so a
+    ``gs://`` / epath ``output_dir`` works as a local one does)."""
 
     def __init__(self, logdir: str):
+        from tensorboardX.proto import event_pb2
+
+        self._event_pb2 = event_pb2
         as_path(logdir).mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.trl_jax"
         self.path = os.fspath(as_path(logdir) / name)
         self._f = AppendFile(self.path, binary=True)
-        self._write(_event(time.time(), 0, file_version="brain.Event:2"))
+        self._write(event_pb2.Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
 
-    def _write(self, data: bytes) -> None:
-        header = struct.pack("<Q", len(data))
-        self._f.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
+    def _write(self, event) -> None:
+        self._f.write(_record(event.SerializeToString()))
         self._f.flush()
 
     def scalars(self, values: dict, step: int) -> None:
+        from tensorboardX import summary
+
         clean = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if clean:
-            self._write(_event(time.time(), step, scalars=clean))
+            summ = summary.scalar(next(iter(clean)), float(next(iter(clean.values()))))
+            for tag, v in list(clean.items())[1:]:
+                summ.value.extend(summary.scalar(tag, float(v)).value)
+            self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summ))
 
     def close(self) -> None:
         self._f.close()
 
 
 def read_tensorboard_scalars(path: str) -> list[tuple[int, str, float]]:
-    """Decode the scalars of an event file written above: ``[(step, tag, value), ...]`` (used by tests)."""
+    """Decode the scalars of an event file: ``[(step, tag, value), ...]`` (tensorboardX's ``Event`` proto)."""
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+
     out = []
     data = as_path(path).read_bytes()
     pos = 0
     while pos < len(data):
         (n,) = struct.unpack_from("<Q", data, pos)
-        rec = data[pos + 12:pos + 12 + n]
+        payload = data[pos + 12:pos + 12 + n]
+        crcs = (struct.unpack_from("<I", data, pos + 8)[0], struct.unpack_from("<I", data, pos + 12 + n)[0])
+        if crcs != (masked_crc32c(data[pos:pos + 8]), masked_crc32c(payload)):
+            raise ValueError(f"{path}: corrupt TFRecord at byte {pos} (CRC mismatch)")
+        event = event_pb2.Event.FromString(payload)
         pos += 12 + n + 4
-        out.extend(_decode_event(rec))
-    return out
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = val = 0
-    while True:
-        b = buf[i]
-        i += 1
-        val |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return val, i
-
-
-def _fields(buf: bytes):
-    i = 0
-    while i < len(buf):
-        key, i = _read_varint(buf, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            v, i = _read_varint(buf, i)
-        elif wire == 1:
-            v, i = buf[i:i + 8], i + 8
-        elif wire == 5:
-            v, i = buf[i:i + 4], i + 4
-        else:
-            n, i = _read_varint(buf, i)
-            v, i = buf[i:i + n], i + n
-        yield num, v
-
-
-def _decode_event(rec: bytes):
-    step, summary = 0, None
-    for num, v in _fields(rec):
-        if num == 2:
-            step = v
-        elif num == 5:
-            summary = v
-    if summary is None:
-        return []
-    out = []
-    for _, value in _fields(summary):
-        tag, val = None, None
-        for n2, v2 in _fields(value):
-            if n2 == 1:
-                tag = v2.decode()
-            elif n2 == 2:
-                val = struct.unpack("<f", v2)[0]
-        out.append((step, tag, val))
+        out.extend((event.step, v.tag, v.simple_value) for v in event.summary.value)
     return out
 
 
