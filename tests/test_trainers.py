@@ -21,14 +21,8 @@ MODEL = "builtin:tiny-qwen3"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("TRL_JAX_CACHE")
-    os.environ["TRL_JAX_CACHE"] = str(tmp_path_factory.mktemp("trl_jax_cache"))
-    yield
-    if old is None:
-        os.environ.pop("TRL_JAX_CACHE", None)
-    else:
-        os.environ["TRL_JAX_CACHE"] = old
+def _cache(trl_jax_cache):
+    return trl_jax_cache
 
 
 @pytest.fixture(scope="module")
