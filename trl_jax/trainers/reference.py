@@ -19,6 +19,8 @@ def params_equal(a, b) -> jax.Array:
         wide = jnp.promote_types(x.dtype, y.dtype)
         return jnp.array_equal(x.astype(wide), y.astype(wide))
 
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return jnp.asarray(False)
     leaves = [one(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
