@@ -58,6 +58,39 @@ def train_both(workdir: str, tag: str, url=lambda p: p) -> dict:
         train_dataset=pref.select(range(32)), eval_dataset=pref.select(range(32, 40)))
     dpo.train()
     out["dpo"] = _losses(dpo)
+    out["grpo"] = train_grpo(root, url)
+    return out
+
+
+def digit_count_reward(completions, log_metric=None, **kwargs):
+    """Deterministic and varied: the number of digits in the completion (None for an empty one); logs the
+    batch's mean length through ``log_metric`` (a reward-function metric gathered over processes)."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    if log_metric is not None:
+        for t in texts:
+            log_metric("chars", len(t))
+    return [float(sum(ch.isdigit() for ch in t)) if t else None for t in texts]
+
+
+def train_grpo(root: str, url=lambda p: p) -> dict:
+    """GRPO: 4 steps, generation batches of 16 completions (4 prompts x 4) reused over 2 steps (old log-probs
+    recomputed by the forward pass and gathered), sampling at temperature 1."""
+    from trl_jax.configs import GRPOConfig
+    from trl_jax.data.loading import load_dataset_any
+    from trl_jax.trainers import GRPOTrainer
+
+    prompts = load_dataset_any("builtin:arithmetic_prompts").select(range(16))
+    grpo = GRPOTrainer(MODEL, reward_funcs=digit_count_reward, args=GRPOConfig(
+        output_dir=url(os.path.join(root, "grpo")), max_steps=STEPS, per_device_train_batch_size=1,
+        num_generations=4, steps_per_generation=2, max_completion_length=6, temperature=1.0, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
+        disable_tqdm=True, seed=0), train_dataset=prompts)
+    grpo.reuse_sampler_logps = False  # the old log-probs' forward pass, fetched from every process
+    grpo.train()
+    out = _losses(grpo)
+    out["metrics"] = [{k: r[k] for k in ("step", "reward", "reward_std", "frac_reward_zero_std", "chars",
+                                         "completions/mean_length", "num_tokens") if k in r}
+                      for r in grpo.log_history if "loss" in r and "step" in r]
     return out
 
 

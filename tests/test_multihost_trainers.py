@@ -1,5 +1,5 @@
-"""The offline trainers on several hosts: 2 local processes x 4 CPU devices (jax.distributed on localhost, gloo)
-train SFT and DPO with the same per-step losses as one process with 8 devices; only process 0 writes logs; a
+"""The trainers on several hosts: 2 local processes x 4 CPU devices (jax.distributed on localhost, gloo) train
+SFT, DPO and GRPO with the same per-step losses as one process with 8 devices; only process 0 writes logs; a
 checkpoint written by the 2 processes resumes in one process. Paths as URLs: ``file://`` for the whole
 train / save / resume cycle (orbax included), and an fsspec filesystem behind ``gs://`` (in memory) for logs,
 counters, the lock and ``save_model``."""
@@ -82,13 +82,39 @@ def test_two_processes_give_the_one_process_losses(runs, trainer):
         np.testing.assert_allclose([v for _, v in mp0[split]], [v for _, v in sp[split]], atol=1e-5, rtol=0)
 
 
+def test_grpo_two_processes_give_the_one_process_run(runs):
+    """GRPO: sampling on the global prompt arrays draws the same completions; rewards computed by each process
+    for its rows and gathered give the one-process advantages, metrics and per-step losses."""
+    sp, mp0, mp1 = runs["sp"]["grpo"], runs["mp"][0]["grpo"], runs["mp"][1]["grpo"]
+    assert mp0 == mp1
+    assert [s for s, _ in sp["train"]] == list(range(1, STEPS + 1)) == [s for s, _ in mp0["train"]]
+    np.testing.assert_allclose([v for _, v in mp0["train"]], [v for _, v in sp["train"]], atol=1e-5, rtol=0)
+    assert len(mp0["metrics"]) == len(sp["metrics"]) == STEPS
+    for a, b in zip(mp0["metrics"], sp["metrics"]):
+        assert a.keys() == b.keys() and {"reward", "chars", "num_tokens"} <= a.keys()
+        for k in a:
+            if not (np.isnan(a[k]) and np.isnan(b[k])):
+                np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0, err_msg=k)
+    # completions.jsonl: written by process 0 alone (each generation's 16 rows once), the one-process table
+    def table(tag):
+        with open(os.path.join(runs["work"], tag, "grpo", "completions.jsonl"), encoding="utf-8") as f:
+            return [json.loads(ln) for ln in f]
+
+    tm, ts = table("mp"), table("sp")
+    assert [r["step"] for r in tm] == [1] * 16 + [3] * 16 == [r["step"] for r in ts]
+    assert [(r["prompt"], r["completion"], r["digit_count_reward"]) for r in tm] == [
+        (r["prompt"], r["completion"], r["digit_count_reward"]) for r in ts]
+    np.testing.assert_allclose([r["advantage"] for r in tm], [r["advantage"] for r in ts], atol=1e-5, rtol=0)
+    assert len({r["advantage"] for r in tm}) > 1  # the rewards vary: the advantages are not all 0
+
+
 def test_only_process_zero_writes(runs):
     work = runs["work"]
     # stdout: process 0 prints every train and eval record, process 1 none
     lines0 = [ln for ln in runs["stdout"][0].splitlines() if ln.startswith("{")]
-    assert len(lines0) == 2 * (STEPS + 2)
+    assert len(lines0) == 2 * (STEPS + 2) + STEPS  # SFT and DPO: train + eval records; GRPO: train records
     assert not [ln for ln in runs["stdout"][1].splitlines() if ln.startswith("{")]
-    for trainer in ("sft", "dpo"):
+    for trainer in ("sft", "dpo", "grpo"):
         recs = [json.loads(ln) for ln in open(os.path.join(work, "mp", trainer, "log_history.jsonl"), encoding="utf-8")]
         assert [r["step"] for r in recs if "loss" in r] == list(range(1, STEPS + 1))  # one writer: no duplicates
         assert not os.path.exists(os.path.join(work, "mp", trainer, "trl_jax.lock"))

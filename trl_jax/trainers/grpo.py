@@ -24,6 +24,11 @@ Generation metrics (``reward``, ``reward_std``, ``rewards/<name>/mean|std``, ``f
 average); loss metrics (``kl``, ``entropy``, ``clip_ratio/*``, ...) once per step. The last generation batch's
 prompts, completions, rewards and advantages are appended to ``<output_dir>/completions.jsonl`` at every logging
 step (TRL's completions table).
+
+Several processes (multi-host): the prompts are sampled as one global batch (the same draws as one process); each
+process decodes and scores only its own rows (:meth:`BaseTrainer._local_rows`), the ``[B_local, n_funcs]`` rewards
+are all-gathered so the group advantages and generation metrics are the one-process numbers, each process hands the
+loop its rows (``LocalBatch``), and process 0 alone decodes every row for the completions table and writes it.
 """
 
 from __future__ import annotations
@@ -46,8 +51,11 @@ from trl_jax.losses.base import LossTerms
 from trl_jax.losses.grpo import grpo_advantages, grpo_loss, truncated_completions
 from trl_jax.ops import fused_log_probs
 from trl_jax.parallel import batch_parallel_size
-from trl_jax.trainers.base import BaseTrainer, prompt_columns, reject_unsupported
-from trl_jax.trainers.logging import truncate_jsonl
+from trl_jax.parallel.distributed import (gather_to_host, is_main_process, is_multiprocess, make_global_batch,
+                                          process_rows, sum_over_processes)
+from trl_jax.train.checkpoint import as_path
+from trl_jax.trainers.base import BaseTrainer, LocalBatch, prompt_columns, reject_unsupported
+from trl_jax.trainers.logging import AppendFile, truncate_jsonl
 from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
 _PROMPT_BUCKET = 8
@@ -88,6 +96,23 @@ def reward_model_bucket(n: int, cap: int | None = None) -> int:
         if n <= cap < b:
             return cap
     return b
+
+
+def gather_rows(local: np.ndarray, mesh) -> np.ndarray:
+    """Every process's rows ``[B_local, ...]`` (this process's block :func:`process_rows` of a global batch) as
+    the whole ``[B, ...]`` host array, on every process (``process_allgather``, blocks put in row order). One
+    process: ``local`` itself. Every process must call it."""
+    if not is_multiprocess():
+        return local
+    from jax.experimental import multihost_utils
+
+    local = np.asarray(local)
+    n = int(np.asarray(multihost_utils.process_allgather(np.int32(local.shape[0]))).sum())
+    start = process_rows(mesh, n).start
+    starts = np.asarray(multihost_utils.process_allgather(np.int32(start))).reshape(-1)
+    every = np.asarray(multihost_utils.process_allgather(local, tiled=True))
+    blocks = np.split(every, len(starts))
+    return np.concatenate([blocks[i] for i in np.argsort(starts, kind="stable")], axis=0)
 
 
 def _add_phase(trainer, name: str, t0: float) -> None:
@@ -299,11 +324,21 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
             texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         enc = rpc(text=texts, add_special_tokens=False)["input_ids"]
         cap = self.prompt_length + int(self._sampling_kwargs()["max_new_tokens"])
-        length = reward_model_bucket(max(len(e) for e in enc), cap)
+        longest, num_rows = max(len(e) for e in enc), len(enc)
+        if is_multiprocess():  # this process's rows of the batch: one bucket and one global batch for all
+            from jax.experimental import multihost_utils
+
+            every = np.asarray(multihost_utils.process_allgather(np.asarray([longest, len(enc)], np.int32)))
+            every = every.reshape(-1, 2)
+            longest, num_rows = int(every[:, 0].max()), int(every[:, 1].sum())
+        length = reward_model_bucket(longest, cap)
         ids = np.full((len(enc), length), rpc.pad_token_id, np.int32)
         mask = np.zeros_like(ids)
         for r, e in enumerate(enc):
             ids[r, :len(e)], mask[r, :len(e)] = e, 1
+        if is_multiprocess():
+            g = make_global_batch({"ids": ids, "mask": mask}, self.mesh, num_rows)
+            ids, mask = g["ids"], g["mask"]
         compiles = self.__dict__.setdefault("reward_model_compiles", {})
         if i not in self._rm_jit:
             pad = int(rpc.pad_token_id)
@@ -315,9 +350,16 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
             self._rm_jit[i] = jax.jit(score)
         return self._rm_jit[i](params, ids, mask)
 
+    def _fetch_reward_model_scores(self, pending) -> np.ndarray:
+        """A dispatched reward-model batch's scores ``[N_local, num_labels]`` fp32: this process's rows of the
+        global batch scored on every process's devices (all of them with one process)."""
+        scores = np.asarray(gather_to_host(pending), np.float32)
+        if is_multiprocess():
+            scores = scores[process_rows(self.mesh, scores.shape[0])]
+        return scores
+
     def _reward_model_scores(self, i, prompts, completions):
-        scores = jax.device_get(self._dispatch_reward_model(i, prompts, completions))
-        return np.asarray(scores, np.float32)[:, 0].tolist()
+        return self._fetch_reward_model_scores(self._dispatch_reward_model(i, prompts, completions))[:, 0].tolist()
 
     def _calculate_rewards(self, rows, prompts, completions, completion_ids):
         """``[N, F]`` rewards (NaN where a function returned ``None``), TRL's ``_calculate_rewards``."""
@@ -334,7 +376,7 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         for i in order:
             func = self.reward_funcs[i]
             if i in pending:
-                out[:, i] = np.asarray(jax.device_get(pending[i]), np.float32)[:, 0]
+                out[:, i] = self._fetch_reward_model_scores(pending[i])[:, 0]
             else:
                 out[:, i] = self._call_reward_func(i, func, prompts, completions, completion_ids, kwargs)
             infinite = np.isinf(out[:, i])
@@ -361,6 +403,17 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
 
     def _log_metric(self, name, value):
         self._user_metrics.setdefault(name, []).append(float(value))
+
+    def _gather_user_metrics(self) -> None:
+        """With several processes, each reward function logged metrics (``log_metric``) for its own rows: every
+        process's values, as a (sum, count) per name, so that the logged mean is over all of them."""
+        if not is_multiprocess() or not self._user_metrics:
+            return
+        local = {}
+        for k, v in self._user_metrics.items():
+            local[f"{k}\x00sum"], local[f"{k}\x00n"] = float(np.sum(v)), float(len(v))
+        total = sum_over_processes(local)
+        self._user_metrics = {k: [total[f"{k}\x00sum"] / max(total[f"{k}\x00n"], 1.0)] for k in self._user_metrics}
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, split):
@@ -432,7 +485,7 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
                        return_logprobs=return_logprobs, check_inputs=False, decode_layout=self.args.decode_layout,
                        decode_block_size=int(self.args.decode_block_size), num_generations=g,
                        group_layout=group_layout, **self._sampling_kwargs())
-        fetched = jax.device_get((out.completion_ids, out.completion_mask) + ((out.logprobs,) if return_logprobs
+        fetched = gather_to_host((out.completion_ids, out.completion_mask) + ((out.logprobs,) if return_logprobs
                                                                               else ()))
         _add_phase(self, "generate", t0)
         return tuple(np.asarray(x) for x in fetched)
@@ -485,7 +538,7 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
 
     def _fetch_old_logps(self, pending: list) -> np.ndarray:
         t0 = time.perf_counter()
-        out = np.concatenate([np.asarray(x, np.float32) for x in jax.device_get(pending)], axis=0)
+        out = np.concatenate([np.asarray(x, np.float32) for x in gather_to_host(pending)], axis=0)
         _add_phase(self, "old_logps_wait", t0)
         return out
 
@@ -533,13 +586,24 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         pending_old = self._dispatch_old_logps(params, arrays) if with_old_logps and not reuse else None
         t_host = time.perf_counter()
         lengths = cmask.sum(axis=1)
-        completion_ids_list = [row[:n].tolist() for row, n in zip(cids, lengths, strict=True)]
-        texts = decode_and_strip_padding(cids, self.processing_class, mask=cmask, think_start=None, think_end=None)
+        # Decoding and the reward functions: this process's rows only (all rows with one process); the rewards of
+        # every process's rows are then gathered, so the group statistics are those of the whole batch.
+        sl = self._local_rows(n)
+        everything = (sl.start, sl.stop) == (0, n)
         conversational = is_conversational({"prompt": prompts[0]})
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+
+        def decode(r):
+            texts = decode_and_strip_padding(cids[r], self.processing_class, mask=cmask[r], think_start=None,
+                                             think_end=None)
+            return [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+
+        completion_ids_list = [row[:k].tolist() for row, k in zip(cids[sl], lengths[sl], strict=True)]
+        completions = decode(sl)
 
         self._user_metrics = {}
-        rewards_per_func = self._calculate_rewards(rows, prompts, completions, completion_ids_list)
+        rewards_per_func = gather_rows(
+            self._calculate_rewards(rows[sl], prompts[sl], completions, completion_ids_list), self.mesh)
+        self._gather_user_metrics()
         advantages, adv_metrics = grpo_advantages(
             rewards_per_func, self.reward_weights, num_generations=num_generations, scale_rewards=args.scale_rewards,
             multi_objective_aggregation=args.multi_objective_aggregation, reward_func_names=self.reward_func_names,
@@ -560,13 +624,18 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         }
         metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
         metrics.update({k: float(np.mean(v)) for k, v in self._user_metrics.items()})
-        self._pending_tokens += float(prompt_mask.sum() + lengths.sum())
-        table = [
-            {"prompt": p, "completion": c, **{name: float(rewards_per_func[j, i]) if not math.isnan(
-                rewards_per_func[j, i]) else None for i, name in enumerate(self.reward_func_names)},
-             "advantage": float(advantages[j])}
-            for j, (p, c) in enumerate(zip(prompts, completions, strict=True))
-        ]
+        # this process's rows' tokens (the loop sums the counters over processes)
+        self._pending_tokens += float(prompt_mask[sl].sum() + lengths[sl].sum())
+        # the completions table: process 0 decodes every row (the sampled ids are on every process)
+        table = []
+        if everything or is_main_process():
+            table = [
+                {"prompt": p, "completion": c, **{name: float(rewards_per_func[j, i]) if not math.isnan(
+                    rewards_per_func[j, i]) else None for i, name in enumerate(self.reward_func_names)},
+                 "advantage": float(advantages[j])}
+                for j, (p, c) in enumerate(zip(prompts, completions if everything else decode(slice(0, n)),
+                                               strict=True))
+            ]
         _add_phase(self, "host", t_host)
         if reuse:  # the sampler's log-probs, zero where the loss mask is (the recomputed path's convention)
             arrays["old_per_token_logps"] = (sampled[2] * loss_mask).astype(np.float32)
@@ -609,7 +678,10 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
             k: float(np.mean([m[k] for m in new_metrics if k in m])) if new_metrics else float("nan")
             for k in self._gen_metric_keys
         }
-        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+        batch = {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+        n = batch["input_ids"].shape[0]
+        sl = self._local_rows(n)
+        return LocalBatch({k: v[sl] for k, v in batch.items()}, n)
 
     def _batch_stats(self, batch):
         tokens, self._pending_tokens = self._pending_tokens, 0.0
@@ -661,21 +733,31 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
                 args.logging_first_step and done == 1) or done == total:
             self._write_completions(done)
 
+    def _completions_path(self):
+        return as_path(self.args.output_dir) / "completions.jsonl"
+
     def _resume(self, resume_from_checkpoint, ckpt) -> int:
         """Also rewrite ``completions.jsonl`` to the steps up to the one resumed from (a fresh run: empty), so a
         killed-and-resumed run lists each step's completions once."""
         start = super()._resume(resume_from_checkpoint, ckpt)
-        if jax.process_index() == 0:
-            truncate_jsonl(os.path.join(self.args.output_dir, "completions.jsonl"), start)
+        if is_main_process():
+            truncate_jsonl(self._completions_path(), start)
         return start
 
     def _write_completions(self, step: int) -> None:
-        if not self._table:
+        """Append the completions table (process 0 only: the only one that keeps it) to ``completions.jsonl``
+        (a local path or a URL) and print it with ``log_completions``."""
+        if not self._table or not is_main_process():
+            self._table.clear()
             return
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a", encoding="utf-8") as f:
+        path = self._completions_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = AppendFile(path)
+        try:
             for row in self._table:
                 f.write(json.dumps({"step": step, **row}, default=str) + "\n")
+        finally:
+            f.close()
         if self.args.log_completions:
             k = self.args.num_completions_to_print or len(self._table)
             for row in list(self._table)[:k]:
