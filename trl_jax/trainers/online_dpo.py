@@ -48,6 +48,7 @@ from trl_jax.losses.base import LossTerms
 from trl_jax.losses.dpo import DPOInputs, dpo_loss_terms
 from trl_jax.ops import fused_log_probs
 from trl_jax.ops.masking import masked_sum
+from trl_jax.parallel.distributed import is_multiprocess
 from trl_jax.trainers.base import BaseTrainer, prompt_columns, reject_unsupported
 from trl_jax.trainers.grpo import GRPOTrainer, _left_pad, _round_up
 from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
@@ -111,6 +112,10 @@ class OnlineDPOTrainer(BaseTrainer):
                            preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         if train_dataset is None:
             raise ValueError("OnlineDPOTrainer needs a train_dataset with a `prompt` column.")
+        if is_multiprocess():
+            raise NotImplementedError(
+                "OnlineDPOTrainer does not run on several processes (multi-host) yet: its pairs are sampled from "
+                "each process's rows, not from the global batch. Run it in one process, or use GRPOTrainer.")
         if ref_model is not None and ref_model is model:
             raise ValueError("`model` and `ref_model` cannot be the same object. To use the initial weights as the "
                              "reference, omit `ref_model` (or pass None).")
@@ -182,6 +187,7 @@ class OnlineDPOTrainer(BaseTrainer):
     _call_reward_func = GRPOTrainer._call_reward_func
     _find_offender = staticmethod(GRPOTrainer._find_offender)
     _reward_model_scores = GRPOTrainer._reward_model_scores
+    _fetch_reward_model_scores = GRPOTrainer._fetch_reward_model_scores
     _dispatch_reward_model = GRPOTrainer._dispatch_reward_model  # bucketed lengths, scored while Python rewards run
     _calculate_rewards = GRPOTrainer._calculate_rewards
     _log_metric = GRPOTrainer._log_metric
