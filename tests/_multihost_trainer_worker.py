@@ -36,8 +36,8 @@ def _losses(trainer):
 
 
 def train_both(workdir: str, tag: str, url=lambda p: p) -> dict:
-    """SFT (eval, checkpoints every 2 steps, save_model) then DPO (precomputed reference, gradient accumulation)
-    under ``workdir/tag``; returns the per-step train / eval losses."""
+    """SFT (eval, checkpoints every 2 steps, save_model), DPO (precomputed reference, gradient accumulation), GRPO
+    and online DPO under ``workdir/tag``; returns the per-step train / eval losses."""
     from trl_jax.configs import DPOConfig
     from trl_jax.data.loading import load_dataset_any
     from trl_jax.trainers import DPOTrainer, SFTTrainer
@@ -59,6 +59,7 @@ def train_both(workdir: str, tag: str, url=lambda p: p) -> dict:
     dpo.train()
     out["dpo"] = _losses(dpo)
     out["grpo"] = train_grpo(root, url)
+    out["online_dpo"] = train_online_dpo(root, url)
     return out
 
 
@@ -91,6 +92,28 @@ def train_grpo(root: str, url=lambda p: p) -> dict:
     out["metrics"] = [{k: r[k] for k in ("step", "reward", "reward_std", "frac_reward_zero_std", "chars",
                                          "completions/mean_length", "num_tokens") if k in r}
                       for r in grpo.log_history if "loss" in r and "step" in r]
+    return out
+
+
+def train_online_dpo(root: str, url=lambda p: p) -> dict:
+    """Online DPO: 4 steps of 8 prompt pairs sampled at temperature 1, ranked by ``digit_count_reward``; one eval
+    (step 4) of 5 prompts in a batch of 8 rows (process 1 holds only padding pairs there)."""
+    from trl_jax.configs import OnlineDPOConfig
+    from trl_jax.data.loading import load_dataset_any
+    from trl_jax.trainers import OnlineDPOTrainer
+
+    prompts = load_dataset_any("builtin:arithmetic_prompts").select(range(37))
+    odpo = OnlineDPOTrainer(MODEL, reward_funcs=digit_count_reward, args=OnlineDPOConfig(
+        output_dir=url(os.path.join(root, "online_dpo")), max_steps=STEPS, per_device_train_batch_size=1,
+        per_device_eval_batch_size=1, max_new_tokens=6, temperature=1.0, learning_rate=1e-3, logging_steps=1,
+        eval_strategy="steps", eval_steps=STEPS, save_strategy="no", report_to="none", bf16=False,
+        gradient_checkpointing=False, disable_tqdm=True, seed=0),
+        train_dataset=prompts.select(range(32)), eval_dataset=prompts.select(range(32, 37)))
+    odpo.train()
+    out = _losses(odpo)
+    out["metrics"] = [{k: r[k] for k in ("step", "objective/scores", "rewards/accuracies", "rewards/margins",
+                                         "objective/kl", "num_tokens") if k in r}
+                      for r in odpo.log_history if "loss" in r and "step" in r]
     return out
 
 

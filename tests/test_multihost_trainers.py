@@ -1,6 +1,6 @@
 """The trainers on several hosts: 2 local processes x 4 CPU devices (jax.distributed on localhost, gloo) train
-SFT, DPO and GRPO with the same per-step losses as one process with 8 devices; only process 0 writes logs; a
-checkpoint written by the 2 processes resumes in one process. Paths as URLs: ``file://`` for the whole
+SFT, DPO, GRPO and online DPO with the same per-step losses as one process with 8 devices; only process 0 writes
+logs; a checkpoint written by the 2 processes resumes in one process. Paths as URLs: ``file://`` for the whole
 train / save / resume cycle (orbax included), and an fsspec filesystem behind ``gs://`` (in memory) for logs,
 counters, the lock and ``save_model``."""
 
@@ -108,13 +108,31 @@ def test_grpo_two_processes_give_the_one_process_run(runs):
     assert len({r["advantage"] for r in tm}) > 1  # the rewards vary: the advantages are not all 0
 
 
+def test_online_dpo_two_processes_give_the_one_process_run(runs):
+    """Online DPO: the global prompt batch sampled with the one-process key, each process scoring its own pairs,
+    gives the one-process per-step losses and metrics, and the same eval (a short batch: padding pairs)."""
+    sp, mp0, mp1 = runs["sp"]["online_dpo"], runs["mp"][0]["online_dpo"], runs["mp"][1]["online_dpo"]
+    assert mp0 == mp1
+    assert [s for s, _ in sp["train"]] == list(range(1, STEPS + 1)) == [s for s, _ in mp0["train"]]
+    assert [s for s, _ in sp["eval"]] == [STEPS] == [s for s, _ in mp0["eval"]]
+    for split in ("train", "eval"):
+        np.testing.assert_allclose([v for _, v in mp0[split]], [v for _, v in sp[split]], atol=1e-5, rtol=0)
+    assert len(mp0["metrics"]) == len(sp["metrics"]) == STEPS
+    for a, b in zip(mp0["metrics"], sp["metrics"]):
+        assert a.keys() == b.keys() and {"objective/scores", "rewards/accuracies", "num_tokens"} <= a.keys()
+        for k in a:
+            if not (np.isnan(a[k]) and np.isnan(b[k])):
+                np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0, err_msg=k)
+
+
 def test_only_process_zero_writes(runs):
     work = runs["work"]
     # stdout: process 0 prints every train and eval record, process 1 none
     lines0 = [ln for ln in runs["stdout"][0].splitlines() if ln.startswith("{")]
-    assert len(lines0) == 2 * (STEPS + 2) + STEPS  # SFT and DPO: train + eval records; GRPO: train records
+    # SFT and DPO: train + eval records; GRPO: train records; online DPO: train records + one eval
+    assert len(lines0) == 2 * (STEPS + 2) + STEPS + (STEPS + 1)
     assert not [ln for ln in runs["stdout"][1].splitlines() if ln.startswith("{")]
-    for trainer in ("sft", "dpo", "grpo"):
+    for trainer in ("sft", "dpo", "grpo", "online_dpo"):
         recs = [json.loads(ln) for ln in open(os.path.join(work, "mp", trainer, "log_history.jsonl"), encoding="utf-8")]
         assert [r["step"] for r in recs if "loss" in r] == list(range(1, STEPS + 1))  # one writer: no duplicates
         assert not os.path.exists(os.path.join(work, "mp", trainer, "trl_jax.lock"))

@@ -31,6 +31,12 @@ Metrics (TRL's ``stats`` names, averaged over micro-batches and the logging wind
 One difference: TRL sums ``objective/kl`` / ``entropy`` / ``non_score_reward`` / ``rlhf_reward`` over every column
 of the generated block, padding after EOS included; here they are summed over the completion tokens only (the two
 agree when no completion of the batch ended before the others).
+
+Several processes (multi-host): every process builds the step's whole prompt batch and samples it on the global
+arrays (the same key, so the same completions as one process); each process then decodes and scores (reward
+functions / reward models / judge) only the pairs of its own rows (:meth:`BaseTrainer._local_rows`; a pair's two
+completions are rows ``i`` and ``B + i`` of the sampled block, both on every process), and hands the loop its rows
+(``LocalBatch``). The metrics come from the jitted step over the global batch, so they are the one-process numbers.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from trl_jax.losses.dpo import DPOInputs, dpo_loss_terms
 from trl_jax.ops import fused_log_probs
 from trl_jax.ops.masking import masked_sum
 from trl_jax.parallel.distributed import is_multiprocess
-from trl_jax.trainers.base import BaseTrainer, prompt_columns, reject_unsupported
+from trl_jax.trainers.base import BaseTrainer, LocalBatch, prompt_columns, reject_unsupported, take_rows
 from trl_jax.trainers.grpo import GRPOTrainer, _left_pad, _round_up
 from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
@@ -112,10 +118,6 @@ class OnlineDPOTrainer(BaseTrainer):
                            preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         if train_dataset is None:
             raise ValueError("OnlineDPOTrainer needs a train_dataset with a `prompt` column.")
-        if is_multiprocess():
-            raise NotImplementedError(
-                "OnlineDPOTrainer does not run on several processes (multi-host) yet: its pairs are sampled from "
-                "each process's rows, not from the global batch. Run it in one process, or use GRPOTrainer.")
         if ref_model is not None and ref_model is model:
             raise ValueError("`model` and `ref_model` cannot be the same object. To use the initial weights as the "
                              "reference, omit `ref_model` (or pass None).")
@@ -264,28 +266,40 @@ class OnlineDPOTrainer(BaseTrainer):
         ``arrays`` maps ``input_ids`` / ``segment_ids [num_rows, 2, P + C]``, ``completion_ids`` /
         ``completion_mask [num_rows, 2, C]``, ``scores`` / ``contain_eos [num_rows, 2]`` fp32, ``example_mask`` and
         ``beta [num_rows]``; ``table`` lists the real prompts with both completions and their scores.
+
+        Several processes: the arguments are the whole batch (on every process); only the pairs of this process's
+        rows (:meth:`_local_rows`, padding pairs included so every process scores as many) are decoded and
+        scored, and ``arrays`` / ``table`` hold only those rows. One process: every row.
         """
         n, big = len(rows), num_rows
         cids = np.asarray(completion_ids)
         cmask = np.asarray(completion_mask).astype(np.int32)
-        real = np.r_[np.arange(n), big + np.arange(n)]  # the 2n real completions: first ones, then second ones
+        sl = self._local_rows(big)
+        # the pairs scored here: the real ones (one process), or all of this process's rows (padding pairs repeat
+        # the last prompt), so that every process scores the same number of completions (reward models' batches)
+        mine = np.arange(sl.start, sl.stop) if is_multiprocess() else np.arange(n)
+        mine_rows = [rows[min(int(i), n - 1)] for i in mine]
+        real = np.r_[mine, big + mine]  # the completions scored here: first ones, then second ones
         is_eos = np.isin(cids, np.asarray(self.eos_token_ids)) & (cmask > 0)
         contain_eos = is_eos.any(axis=1)
         texts = decode_and_strip_padding(cids[real], self.processing_class, mask=cmask[real], think_start=None,
                                          think_end=None)
-        prompts = [r["prompt"] for r in rows] * 2
-        conversational = is_conversational({"prompt": prompts[0]})
+        prompts = [r["prompt"] for r in mine_rows] * 2
+        conversational = is_conversational({"prompt": rows[0]["prompt"]})
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         scores = np.zeros(2 * big, np.float32)
-        if self.reward_funcs is not None:
-            lengths = cmask[real].sum(axis=1)
-            ids_list = [row[:k].tolist() for row, k in zip(cids[real], lengths, strict=True)]
-            self._user_metrics = {}
-            scores[real] = self.total_rewards(rows + rows, prompts, completions, ids_list, contain_eos[real])
-            first = preferred_first(scores[real])
-        else:
-            first = preferred_first(ranks=self._judge_ranks(prompts, completions, n))
-        first = np.r_[first, np.ones(big - n, bool)]
+        first = np.ones(big, bool)  # padding pairs (and other processes' pairs): first = chosen
+        if len(mine):
+            if self.reward_funcs is not None:
+                lengths = cmask[real].sum(axis=1)
+                ids_list = [row[:k].tolist() for row, k in zip(cids[real], lengths, strict=True)]
+                self._user_metrics = {}
+                scores[real] = self.total_rewards(mine_rows + mine_rows, prompts, completions, ids_list,
+                                                  contain_eos[real])
+                first[mine] = preferred_first(scores[real])
+            else:
+                first[mine] = preferred_first(ranks=self._judge_ranks(prompts, completions, len(mine)))
+        first[n:] = True
         idx = np.arange(big)
         chosen, rejected = np.where(first, idx, idx + big), np.where(first, idx + big, idx)
 
@@ -316,10 +330,11 @@ class OnlineDPOTrainer(BaseTrainer):
             "example_mask": (idx < n).astype(np.float32),
             "beta": np.full((big,), beta, np.float32),
         }
+        arrays = {k: v[sl] for k, v in arrays.items()}  # this process's rows (all rows with one process)
         by_row = dict(zip(real.tolist(), completions, strict=True))
         table = [{"prompt": rows[i]["prompt"], "chosen": by_row[int(chosen[i])], "rejected": by_row[int(rejected[i])],
                   **({"score_chosen": float(scores[chosen[i]]), "score_rejected": float(scores[rejected[i]])}
-                     if self.reward_funcs is not None else {})} for i in range(n)]
+                     if self.reward_funcs is not None else {})} for i in mine.tolist() if i < n]
         return arrays, table
 
     def _generate_pairs(self, rows, num_rows, micro_rows, rng, beta):
@@ -332,8 +347,8 @@ class OnlineDPOTrainer(BaseTrainer):
                                    group_layout="tiled")  # each prompt prefilled once for its pair
         arrays, table = self.build_pairs(rows, prompt_ids, prompt_mask, cids, cmask, num_rows=num_rows,
                                          micro_rows=micro_rows, beta=beta)
-        self.last_pairs = table
-        return arrays
+        self.last_pairs = table  # this process's pairs (every pair with one process)
+        return LocalBatch(arrays, num_rows)
 
     def _collate(self, rows, num_rows):
         """Generation *is* the collation: sample two completions per prompt with the current params and pair them.
@@ -348,6 +363,11 @@ class OnlineDPOTrainer(BaseTrainer):
         return self._generate_pairs(rows, num_rows, num_rows, rng, self.beta_for_step(step))
 
     _training_batch = False
+
+    def _collate_local(self, ds, indices, num_rows: int, collate=None) -> LocalBatch:
+        """Every process collates the *whole* batch ``indices`` (the prompts sampled as one global batch, the same
+        draws as one process); :meth:`build_pairs` keeps this process's rows: a ``LocalBatch``."""
+        return self._collate(take_rows(ds, indices), num_rows)
 
     def _batch_for_step(self, step: int):
         self._gen_step, self._training_batch = step, True
