@@ -86,6 +86,13 @@ def _gold_column(answer, solution, kwargs, func_name, prefer="answer"):
     return gold
 
 
+def _score_answers(completions, gold, score) -> list[float | None]:
+    """``score(text, ref)`` of each completion (reasoning block removed, stripped) against its stripped reference
+    answer; ``None`` where there is no reference."""
+    return [None if ref is None else score(strip_reasoning(completion_text(c)).strip(), str(ref).strip())
+            for c, ref in zip(completions, gold, strict=True)]
+
+
 def exact_match_reward(completions, answer=None, solution=None, **kwargs) -> list[float | None]:
     """1.0 when the completion equals the reference answer, else 0.0; ``None`` where there is no reference.
 
@@ -94,14 +101,7 @@ def exact_match_reward(completions, answer=None, solution=None, **kwargs) -> lis
     answers ("42", "0123") where TRL's ``math_verify`` check needs LaTeX (it scores a bare ``42`` as 0.0).
     """
     gold = _gold_column(answer, solution, kwargs, "exact_match_reward")
-    out: list[float | None] = []
-    for completion, ref in zip(completions, gold, strict=True):
-        if ref is None:
-            out.append(None)
-            continue
-        text = strip_reasoning(completion_text(completion)).strip()
-        out.append(1.0 if text == str(ref).strip() else 0.0)
-    return out
+    return _score_answers(completions, gold, lambda text, ref: 1.0 if text == ref else 0.0)
 
 
 def _math_verify_timeouts():
@@ -296,16 +296,12 @@ def digit_match_reward(completions, answer=None, solution=None, **kwargs) -> lis
     (``builtin:arithmetic_prompts``), where an exact-match reward gives most pairs of samples a tie.
     """
     gold = _gold_column(answer, solution, kwargs, "digit_match_reward")
-    out: list[float | None] = []
-    for completion, ref in zip(completions, gold, strict=True):
-        if ref is None:
-            out.append(None)
-            continue
-        text = strip_reasoning(completion_text(completion)).strip()
-        ref = str(ref).strip()
+
+    def score(text, ref):
         width = max(len(text), len(ref))
-        out.append(sum(a == b for a, b in zip(text, ref)) / width if width else 1.0)
-    return out
+        return sum(a == b for a, b in zip(text, ref)) / width if width else 1.0
+
+    return _score_answers(completions, gold, score)
 
 
 _THINK_PATTERN = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL | re.MULTILINE)
