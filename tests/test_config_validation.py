@@ -213,14 +213,22 @@ def test_not_supported_fields_are_errors_when_set(cls):
             cls(**base, **{f.name: _non_default(f)})
 
 
-def test_peft_and_quantization_are_refused_from_the_cli_config():
-    """issue: `--use_peft true --lora_r 8 --load_in_4bit true` used to train the full model in fp32, silently."""
-    with pytest.raises(ValueError, match="`use_peft`=True.*LoRA.*`lora_r`=8.*`load_in_4bit`=True.*quantized"):
+def test_lora_fields_need_use_peft_and_quantization_is_refused_from_the_cli_config():
+    """`--lora_r 8` without `--use_peft true` would train the full model: refused, naming the fix; quantized
+    loading is refused; `use_peft` + `lora_*` become TRL's LoRA config."""
+    from trl_jax.models.lora import get_peft_config
+
+    with pytest.raises(ValueError, match="`load_in_4bit`=True.*quantized"):
         C.load_config({"use_peft": "true", "lora_r": "8", "load_in_4bit": "true"}, C.SFTConfig)
-    for key in ("lora_alpha", "lora_dropout", "lora_target_modules", "load_in_8bit", "use_dora"):
-        with pytest.raises(ValueError, match=f"`{key}`"):
-            C.load_config({key: "true" if key in ("load_in_8bit", "use_dora") else "1"}, C.SFTConfig)
-    assert C.load_config({"use_peft": "false", "lora_r": "16"}, C.SFTConfig).model_args.use_peft is False
+    for key in ("lora_alpha", "lora_dropout", "lora_target_modules", "use_dora"):
+        with pytest.raises(ValueError, match=f"{key}.*use_peft: true"):
+            C.load_config({key: "true" if key == "use_dora" else "1"}, C.SFTConfig)
+    run = C.load_config({"use_peft": "true", "lora_r": "8", "lora_target_modules": ["q_proj", "v_proj"],
+                         "use_rslora": "true"}, C.SFTConfig)
+    peft = get_peft_config(run.model_args)
+    assert (peft.r, peft.lora_alpha, peft.lora_dropout, tuple(peft.target_modules), peft.use_rslora) == \
+        (8, 32, 0.05, ("q_proj", "v_proj"), True)
+    assert get_peft_config(C.load_config({}, C.SFTConfig).model_args) is None
 
 
 def test_torch_only_fields_of_model_and_script_args_warn():

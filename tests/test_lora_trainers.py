@@ -13,6 +13,7 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -112,3 +113,131 @@ def test_sft_lora_loss_curve_equals_trl_peft(model_dir, tmp_path):
 def test_dpo_lora_loss_curve_equals_trl_peft_with_base_as_reference(model_dir, tmp_path):
     _, jt = _parity("dpo", "dpo-adamw", model_dir, tmp_path)
     assert jt.state.ref_params is None  # no second copy of the weights: the reference is the base itself
+
+
+def test_grpo_lora_step_loss_equals_trl_compute_loss(tmp_path):
+    """GRPO with LoRA: our trainer samples a batch; TRL's ``_compute_loss`` runs on the same completions with the
+    same adapters loaded by PEFT (reference: the PEFT model with its adapters disabled, as TRL does)."""
+    import copy
+    import math
+
+    import jax.numpy as jnp
+    import peft
+    import torch
+
+    from test_trainer_grpo import MODEL, dataset, digit_reward, make_args, torch_model, trl_stand_in
+    from trl_jax.assets import builtin_model_dir
+    from trl_jax.models.lora import LoraConfig
+    from trl_jax.trainers.grpo import GRPOTrainer
+
+    args = make_args(tmp_path / "out", beta=0.04)
+    tr = GRPOTrainer(MODEL, reward_funcs=[digit_reward], args=args, train_dataset=dataset(),
+                     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    tr._build(4)
+    # adapters away from their zero start, so the policy differs from the reference (KL > 0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape, x.dtype)
+        if "lora_b" in str(p) else x, tr.state.params)
+    tr.state = tr.state.replace(params=params)
+    slices, _ = tr._generation(0)
+    batch = {k: np.asarray(v) for k, v in slices[0].items()}
+    logps = np.asarray(jax.jit(lambda p, b: tr._token_logps(p, b))(params, batch))
+    noise = np.random.default_rng(0).normal(0.0, 0.3, logps.shape).astype(np.float32)
+    batch["old_per_token_logps"] = (logps + noise * batch["completion_mask"]).astype(np.float32)
+    adapter = tmp_path / "adapter"
+    tr.save_model(str(adapter))
+
+    # ours: gradient over the adapters only, reference = base (ref_params None in the state)
+    trained_pred = tr._trainable_pred()
+    from trl_jax.utils.trees import combine, partition
+
+    trained, frozen = partition(params, trained_pred)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def f(t):
+        terms = tr.loss_fn(combine(t, frozen), jb, None)
+        return terms.numerator / terms.denominator, terms.metrics
+
+    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(trained)
+    g = math.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(grads)))
+
+    # TRL: PEFT model on the same base with our saved adapters
+    pm = peft.PeftModel.from_pretrained(torch_model(builtin_model_dir(MODEL)), str(adapter), is_trainable=True)
+    targs = copy.copy(tr.args)
+    stand = trl_stand_in(targs)
+    c = batch["completion_ids"].shape[1]
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    attn = torch.tensor(batch["segment_ids"], dtype=torch.long)
+    with torch.no_grad(), pm.disable_adapter():
+        ref, _, _ = stand._get_per_token_logps_and_entropies(pm, ids, attn, c)
+    inputs = {
+        "prompt_ids": ids[:, :-c], "prompt_mask": attn[:, :-c], "completion_ids": ids[:, -c:],
+        "completion_mask": torch.tensor(batch["completion_mask"], dtype=torch.long),
+        "advantages": torch.tensor(batch["advantages"]),
+        "num_items_in_batch": torch.tensor(float(batch["num_items_in_batch"][0])),
+        "old_per_token_logps": torch.tensor(batch["old_per_token_logps"]), "ref_per_token_logps": ref,
+    }
+    pm.zero_grad()
+    l_trl = stand._compute_loss(pm, inputs)
+    l_trl.backward()
+    g_trl = math.sqrt(sum(float((q.grad.double() ** 2).sum()) for q in pm.parameters() if q.grad is not None))
+    m_trl = {k: v[0] for k, v in stand._metrics["train"].items()}
+    np.testing.assert_allclose(float(loss), float(l_trl), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(g, g_trl, rtol=2e-3, atol=1e-5)
+    for k in m_trl:
+        np.testing.assert_allclose(float(metrics[k]), m_trl[k], rtol=2e-3, atol=2e-5, err_msg=k)
+    assert m_trl["kl"] > 0
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices: tests/run.sh sets them")
+def test_lora_step_on_every_mesh_equals_one_device_and_skips_base_gradients(tmp_path):
+    """Adapters follow their kernel's logical axes (A on the input axis, B on the output axis), so the LoRA step
+    runs on every mesh of the scale tests with the one-device values and 1/N of the matmul FLOPs per device; and
+    it computes no weight gradient for the frozen base (fewer FLOPs than the full fine-tune's step)."""
+    from test_sharded_cost import MESHES, _mesh, _model_dir
+    from trl_jax.configs import SFTConfig
+    from trl_jax.data.builtin import load_builtin_dataset
+    from trl_jax.models.lora import LoraConfig
+    from trl_jax.train import make_train_step
+    from trl_jax.trainers import SFTTrainer
+    from trl_jax.utils.hlo_cost import hlo_cost
+
+    model_dir = _model_dir(str(tmp_path))
+    data = load_builtin_dataset("arithmetic_sft").select(range(16))
+
+    def trainer(peft_config):
+        args = SFTConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=8, max_steps=1, max_length=32,
+                         mesh_shape=(1, 1, 1), report_to="none", save_strategy="no", disable_tqdm=True,
+                         learning_rate=1e-2, optim="sgd", bf16=False)  # SGD: the update is the gradient (Adam's first step
+        # would turn sign noise of near-zero gradients into +-lr)
+        tr = SFTTrainer(model_dir, args=args, train_dataset=data, peft_config=peft_config)
+        tr._build(1)
+        return tr
+
+    tr = trainer(LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True))
+    batch = {k: np.asarray(v) for k, v in tr._batch_for_step(0).items()}
+    state0 = jax.device_get(tr.state)
+
+    def step_on(mesh):
+        step = make_train_step(tr.loss_fn, tr.optimizer, mesh=mesh, logical_axes=tr.model.logical_axes(),
+                               trainable=tr._trainable_pred(), donate=False)
+        return step
+
+    one_step = step_on(_mesh((1, 1, 1)))
+    ref_state, ref_metrics = one_step(jax.tree.map(jnp.asarray, state0), batch)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    abstract = jax.eval_shape(lambda s: s, tr.state)
+    one = hlo_cost(one_step.lower(abstract, spec).compile())
+    for shape in MESHES:
+        step = step_on(_mesh(shape))
+        new, metrics = step(jax.tree.map(jnp.asarray, state0), batch)
+        np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7),
+                     new.params, ref_state.params)
+        c = hlo_cost(step.lower(abstract, spec).compile())
+        assert 8 * c["matmul_flops"] / one["matmul_flops"] <= 1.15, (shape, c["matmul_flops"], one["matmul_flops"])
+    full = trainer(None)
+    fstep = make_train_step(full.loss_fn, full.optimizer, mesh=_mesh((1, 1, 1)),
+                            logical_axes=full.model.logical_axes(), donate=False)
+    full_cost = hlo_cost(fstep.lower(jax.eval_shape(lambda s: s, full.state), spec).compile())
+    assert one["matmul_flops"] < 0.85 * full_cost["matmul_flops"], (one["matmul_flops"], full_cost["matmul_flops"])

@@ -150,7 +150,9 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         args.attn_implementation = run.model_args.attn_implementation  # TRL's ModelConfig field: the kernel
     train, eval_ds = _datasets(run, split_names=command == "sft")
     model = _model_id(run)
-    peft_config = configs.get_peft_config(run.model_args)  # use_peft + lora_* (TRL's ModelConfig)
+    from trl_jax.models.lora import get_peft_config
+
+    peft_config = get_peft_config(run.model_args)  # use_peft + lora_* (TRL's ModelConfig), as TRL's scripts
     if command in ("grpo", "online-dpo"):
         from trl_jax.rewards import resolve_reward_funcs
 

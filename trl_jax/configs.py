@@ -1040,7 +1040,7 @@ class OnlineDPOConfig(BaseConfig):
 @dataclass
 class ModelConfig(_ConfigMixin):
     """Field names and defaults of `trl.ModelConfig`. `use_peft` + `lora_*` give the trainers a LoRA config
-    (:func:`get_peft_config`, as TRL's); quantized loading is refused when set (`NOT_SUPPORTED_FIELDS`);
+    (:func:`trl_jax.models.lora.get_peft_config`, as TRL's); quantized loading is refused when set (`NOT_SUPPORTED_FIELDS`);
     `attn_implementation` picks the attention kernel (auto / xla / cudnn / splash; transformers' names map) and is
     passed on to the trainer config by the CLI."""
 
@@ -1080,20 +1080,6 @@ class ModelConfig(_ConfigMixin):
 
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
                 "lora_modules_to_save", "use_rslora", "use_dora")
-
-
-def get_peft_config(model_args: ModelConfig):
-    """TRL's ``get_peft_config``: a LoRA config from `use_peft` and the `lora_*` fields (``None`` without
-    `use_peft`), as a :class:`trl_jax.models.lora.LoraConfig` (``peft.LoraConfig``'s fields)."""
-    if not model_args.use_peft:
-        return None
-    from trl_jax.models.lora import LoraConfig
-
-    return LoraConfig(task_type=model_args.lora_task_type, r=model_args.lora_r,
-                      target_modules=model_args.lora_target_modules, target_parameters=model_args.lora_target_parameters,
-                      lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, bias="none",
-                      use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
-                      modules_to_save=model_args.lora_modules_to_save)
 
 
 @dataclass

@@ -241,6 +241,18 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
     )
 
 
+def get_peft_config(model_args) -> LoraConfig | None:
+    """TRL's ``get_peft_config``: the LoRA config of a ``ModelConfig`` (``use_peft`` and the ``lora_*`` fields;
+    ``None`` without ``use_peft``)."""
+    if not model_args.use_peft:
+        return None
+    return LoraConfig(task_type=model_args.lora_task_type, r=model_args.lora_r,
+                      target_modules=model_args.lora_target_modules, target_parameters=model_args.lora_target_parameters,
+                      lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, bias="none",
+                      use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
+                      modules_to_save=model_args.lora_modules_to_save)
+
+
 # ------------------------------------------------------------------------------------------ dropout randomness
 _DROPOUT_RNG: contextvars.ContextVar = contextvars.ContextVar("trl_jax_lora_dropout_rng", default=None)
 
@@ -345,10 +357,12 @@ class LoraDenseGeneral(nn.DenseGeneral):
         norm = jax.lax.stop_gradient(dora_weight_norm(k, lora_a.astype(dtype), lora_b.astype(dtype), spec.scaling,
                                                       n_in))
         scale = magnitude.astype(dtype) / norm
-        if dropped or not self.use_bias:
+        if dropped:  # PEFT: the base term of DoRA sees the dropped-out input
             base = jax.lax.dot_general(x, k, (contract, ((), ())))
-        else:
+        elif self.use_bias:
             base = y - self.get_variable("params", "bias").astype(dtype)
+        else:
+            base = y
         return y + (scale - 1) * base + scale * lora_out
 
 
@@ -474,6 +488,7 @@ __all__ = [
     "combine",
     "count_params",
     "dropout_rng",
+    "get_peft_config",
     "has_adapters",
     "merge_adapters",
     "partition",
