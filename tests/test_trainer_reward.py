@@ -215,8 +215,12 @@ def test_quickstart_held_out_accuracy_rises(tmp_path, monkeypatch):
     from trl_jax import cli
 
     monkeypatch.chdir(tmp_path)
+    # the config's global batch of 16 pairs, whatever the device count (tests/run.sh simulates 8 devices)
+    per_device = str(16 // jax.device_count()) if 16 % jax.device_count() == 0 else "16"
+    mesh = {} if 16 % jax.device_count() == 0 else {"mesh_shape": "1,1,1"}
     result = cli.run_trainer("reward", str(ROOT / "configs" / "quickstart_reward.yaml"),
-                             {"max_steps": "40", "eval_strategy": "no", "disable_tqdm": "true"})
+                             {"max_steps": "40", "eval_strategy": "no", "disable_tqdm": "true",
+                              "per_device_train_batch_size": per_device, **mesh})
     assert {"eval_loss", "eval_accuracy", "eval_margin", "eval_min_reward", "eval_mean_reward",
             "eval_max_reward"} <= set(result)
     assert result["eval_accuracy"] >= result["eval_accuracy_before"] + 0.1, result

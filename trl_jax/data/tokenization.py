@@ -392,15 +392,19 @@ def tokenize_reward_example(example: dict[str, Any], tokenizer) -> dict[str, lis
 
     As TRL's reward trainer: an explicit `prompt` is prepended to each answer (strings concatenated, message lists
     joined) and the whole sequence is tokenized at once (`tokenizer(text=...)`, or `apply_chat_template` with the
-    row's `tools` and `chat_template_kwargs` and no generation prompt)."""
+    row's `tools` and `chat_template_kwargs` and no generation prompt). With a prompt, the joined `chosen` /
+    `rejected` are returned too (the columns TRL's preparation leaves)."""
     chosen, rejected = example["chosen"], example["rejected"]
     if "prompt" in example:
         chosen, rejected = example["prompt"] + chosen, example["prompt"] + rejected
     kwargs = {}
     if is_conversational(example):
         kwargs = {"tools": row_tools(example), **example.get("chat_template_kwargs", {})}
-    return {"chosen_ids": tokenize_input(tokenizer, chosen, **kwargs)["input_ids"],
-            "rejected_ids": tokenize_input(tokenizer, rejected, **kwargs)["input_ids"]}
+    out = {"chosen_ids": tokenize_input(tokenizer, chosen, **kwargs)["input_ids"],
+           "rejected_ids": tokenize_input(tokenizer, rejected, **kwargs)["input_ids"]}
+    if "prompt" in example:  # TRL's map leaves the joined texts in the `chosen` / `rejected` columns
+        out.update(chosen=chosen, rejected=rejected)
+    return out
 
 
 def prepare_reward_dataset(dataset, tokenizer, args, *, dataset_name: str = "train"):
