@@ -186,6 +186,25 @@ def test_dataset_formats_and_max_length_filter(tmp_path):
     assert legacy.train_dataset[0]["chosen_ids"] == [5, 6, 7]
 
 
+def test_trl_data_collator_gives_the_same_loss(tmp_path):
+    """TRL's own reward collator (torch tensors, [2B, L] chosen-then-rejected rows) as ``data_collator``: the
+    batch is regrouped into pairs and gives the default collator's loss and metrics."""
+    from datasets import Dataset
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    data = Dataset.from_dict({"prompt": ["1+1=", "2+2=", "3+3="], "chosen": ["2", "4", "6"],
+                              "rejected": ["3", "5", "66"], "margin": [0.1, 0.0, 0.7]})
+    ours = RewardTrainer(MODEL, args=_args(tmp_path / "a", per_device_train_batch_size=3), train_dataset=data)
+    pad = ours.processing_class.pad_token_id
+    theirs = RewardTrainer(MODEL, args=_args(tmp_path / "b", per_device_train_batch_size=3), train_dataset=data,
+                           data_collator=DataCollatorForPreference(pad_token_id=pad))
+    a = jax.jit(ours.loss_fn)(ours.params, dict(ours._batch_for_step(0)), None)
+    b = jax.jit(theirs.loss_fn)(theirs.params, dict(theirs._batch_for_step(0)), None)
+    np.testing.assert_allclose(float(b.loss), float(a.loss), rtol=1e-6)
+    for k in a.metrics:
+        np.testing.assert_allclose(float(b.metrics[k]), float(a.metrics[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 def test_bad_inputs_name_the_problem(tmp_path):
     from datasets import Dataset
 

@@ -107,6 +107,25 @@ class RewardTrainer(BaseTrainer):
                 out[k] = batch[k]
         return out
 
+    def _make_batch(self, rows, num_rows):
+        """The trainer's collator, or a user ``data_collator``: one that returns TRL's layout (``input_ids`` /
+        ``attention_mask`` ``[2B, L]``, chosen rows then rejected rows, optional ``margin [B]``; e.g. TRL's
+        ``reward_trainer.DataCollatorForPreference``) is regrouped into pairs here."""
+        if self.data_collator is None:
+            return self._collate(rows, num_rows)
+        batch = {k: np.asarray(v) for k, v in self.data_collator(rows).items()}
+        if batch["input_ids"].ndim != 2:
+            return batch  # already pairs ([B, 2, L])
+        b = batch["input_ids"].shape[0] // 2
+        attention = batch["attention_mask"].astype(np.int32)
+        flat = {"input_ids": batch["input_ids"].astype(np.int32), "attention_mask": attention,
+                "position_ids": (np.cumsum(attention, axis=1, dtype=np.int32) - 1).clip(min=0) * attention,
+                "segment_ids": attention}
+        out = {k: np.stack([v[:b], v[b:]], axis=1) for k, v in flat.items()}
+        if "margin" in batch:
+            out["margin"] = batch["margin"].astype(np.float32)
+        return out
+
     def _batch_stats(self, batch):
         return {"num_tokens": float(np.sum(batch["attention_mask"]))}
 
