@@ -32,10 +32,12 @@ import jax.numpy as jnp
 
 from trl_jax.models.attention import attend, build_mask, static_window, window_mask
 from trl_jax.models.config import ModelConfig
+from trl_jax.models.lora import LoraDenseGeneral
 from trl_jax.models.rope import apply_rope, rope_cos_sin
 from trl_jax.parallel.rules import constrain
 
-LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "labels", "value")
+LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "labels", "value",
+                      "lora_rank")
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -81,8 +83,10 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None):
-    return nn.DenseGeneral(
+def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, layer=None):
+    """A projection (``nn.DenseGeneral`` numerics) that carries LoRA adapters when ``cfg.lora`` targets ``name`` in
+    ``layer`` (``None``: scanned layers) and applies them whenever its params hold them (trl_jax.models.lora)."""
+    return LoraDenseGeneral(
         features=features,
         axis=axis,
         use_bias=use_bias,
@@ -91,19 +95,24 @@ def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None):
         kernel_init=_p(_init, axes),
         bias_init=_p(nn.initializers.zeros, bias_axes or axes[-(len(features) if isinstance(features, tuple) else 1):]),
         name=name,
+        lora=cfg.lora,
+        lora_init=cfg.lora is not None and cfg.lora.adapts(name, layer),
+        kernel_axes=tuple(axes),
     )
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    layer: int | None = None  # this layer's index when layers are unrolled (LoRA targets may differ per layer)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv, cache_index, segment_ids=None):
         c = self.cfg
         N, K, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-        q = _dense((N, Hd), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="q_proj")(x)
-        k = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="k_proj")(x)
-        v = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="v_proj")(x)
+        li = self.layer
+        q = _dense((N, Hd), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="q_proj", layer=li)(x)
+        k = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="k_proj", layer=li)(x)
+        v = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="v_proj", layer=li)(x)
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim", name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim", name="k_norm")(k)
@@ -122,26 +131,28 @@ class Attention(nn.Module):
         out = attend(q, k, v, mask, scale=Hd**-0.5, impl=c.attention_impl, segment_ids=seg,
                      window=static_window(c.sliding_windows))
         out = _dense(D, ("heads", "head_dim", "embed"), use_bias=c.o_bias, cfg=c, name="o_proj", axis=(-2, -1),
-                     bias_axes=("embed",))(out)
+                     bias_axes=("embed",), layer=li)(out)
         return out, new_kv
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
+    layer: int | None = None
 
     @nn.compact
     def __call__(self, x):
-        c = self.cfg
-        g = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="gate_proj")(x)
-        u = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="up_proj")(x)
+        c, li = self.cfg, self.layer
+        g = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="gate_proj", layer=li)(x)
+        u = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="up_proj", layer=li)(x)
         hidden = constrain(_act(c.hidden_act)(g) * u, _MLP)
-        return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj")(hidden)
+        return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj", layer=li)(hidden)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block. ``x [B, T, D]``; ``window`` None or a scalar; ``kv`` None or ``(k, v) [B, S, K, Hd]``."""
 
     cfg: ModelConfig
+    layer: int | None = None  # set when layers are unrolled
 
     @nn.compact
     def __call__(self, x, cos, sin, base_mask, segment_ids, q_slots, kv_slots, cache_index, window, kv):
@@ -149,10 +160,10 @@ class DecoderLayer(nn.Module):
         mask = base_mask if window is None else base_mask & window_mask(q_slots, kv_slots, window)
         x = constrain(x, _EMBED)  # block boundary: batch over (data, fsdp), the model dimension whole
         h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_layernorm")(x)
-        a, new_kv = Attention(c, name="self_attn")(h, cos, sin, mask, kv, cache_index, segment_ids)
+        a, new_kv = Attention(c, self.layer, name="self_attn")(h, cos, sin, mask, kv, cache_index, segment_ids)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attention_layernorm")(x)
-        x = constrain(x + MLP(c, name="mlp")(h), _EMBED)
+        x = constrain(x + MLP(c, self.layer, name="mlp")(h), _EMBED)
         return x, new_kv
 
 
@@ -184,13 +195,13 @@ class Decoder(nn.Module):
             self.layers = nn.scan(
                 layer_cls,
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * 7 + (0, 0),
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c)
         else:
-            self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+            self.layers = [layer_cls(c, i, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, c.param_dtype)
         if c.has_lm_head and not c.tie_word_embeddings:
             self.lm_head = nn.DenseGeneral(

@@ -43,6 +43,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("experts", None),
     ("labels", None),
     ("value", None),
+    ("lora_rank", None),  # LoRA A [in, r] / B [r, out] follow their kernel's input / output axes
 )
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
