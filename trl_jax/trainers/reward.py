@@ -49,11 +49,12 @@ class RewardTrainer(BaseTrainer):
         reject_unsupported("RewardTrainer", compute_metrics=compute_metrics, optimizers=optimizers,
                            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
                            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                           quantization_config=quantization_config, peft_config=peft_config)
+                           quantization_config=quantization_config)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
+        # LoRA: the new score head is trained in full (PEFT's SEQ_CLS rule, as TRL recommends modules_to_save=score)
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks,
-                         data_collator=data_collator)
+                         data_collator=data_collator, peft_config=peft_config)
 
     # ------------------------------------------------------------------ model
     def _load_model(self, model):
