@@ -52,6 +52,9 @@ class RewardTrainer(BaseTrainer):
                            quantization_config=quantization_config)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
+        if args is None:  # TRL's default output_dir: "<model name>-Reward"
+            name = os.path.basename(str(model).rstrip("/")) if isinstance(model, (str, os.PathLike)) else "model"
+            args = RewardConfig(output_dir=f"{name}-Reward")
         # LoRA: the new score head is trained in full (PEFT's SEQ_CLS rule, as TRL recommends modules_to_save=score)
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks,
                          data_collator=data_collator, peft_config=peft_config)
