@@ -53,8 +53,8 @@ def test_epochs_and_steps(cls):
 
 
 @pytest.mark.parametrize("cls,field", [
-    (C.SFTConfig, "max_length"), (C.DPOConfig, "max_length"), (C.KTOConfig, "max_length"), (C.RewardConfig, "max_length"),
-    (C.OnlineDPOConfig, "max_length"), (C.OnlineDPOConfig, "max_new_tokens"), (C.GRPOConfig, "max_completion_length"),
+    (C.SFTConfig, "max_length"), (C.DPOConfig, "max_length"), (C.KTOConfig, "max_length"),
+    (C.RewardConfig, "max_length"), (C.OnlineDPOConfig, "max_length"), (C.OnlineDPOConfig, "max_new_tokens"), (C.GRPOConfig, "max_completion_length"),
     (C.GRPOConfig, "num_iterations"),
 ])
 def test_lengths_must_be_positive(cls, field):
