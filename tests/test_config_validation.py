@@ -15,7 +15,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig as TRLOnlineDPOConfig
 
 from trl_jax import configs as C
 
-CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig]
+CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig]
 IDS = [c.__name__ for c in CONFIGS]
 # GRPO's defaults need the global batch divisible by num_generations: one data-parallel replica, 8 generations.
 BASE = {C.GRPOConfig: dict(per_device_train_batch_size=8, mesh_shape=(1, 1, -1))}
@@ -54,7 +54,7 @@ def test_epochs_and_steps(cls):
 
 @pytest.mark.parametrize("cls,field", [
     (C.SFTConfig, "max_length"), (C.DPOConfig, "max_length"), (C.KTOConfig, "max_length"),
-    (C.OnlineDPOConfig, "max_length"), (C.OnlineDPOConfig, "max_new_tokens"), (C.GRPOConfig, "max_completion_length"),
+    (C.RewardConfig, "max_length"), (C.OnlineDPOConfig, "max_length"), (C.OnlineDPOConfig, "max_new_tokens"), (C.GRPOConfig, "max_completion_length"),
     (C.GRPOConfig, "num_iterations"),
 ])
 def test_lengths_must_be_positive(cls, field):
@@ -141,8 +141,8 @@ RESOLVED_IN_CONFIG = {
     "vllm_importance_sampling_cap": "-> vllm_importance_sampling_clip_max (PyTorch-only too)",
     "overwrite_output_dir": "read by the run's output_dir check",
 }
-AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.ModelConfig, C.ScriptArguments,
-           C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig]
+AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.ModelConfig,
+           C.ScriptArguments, C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig]
 
 
 def _trl_jax_sources() -> str:
@@ -199,7 +199,7 @@ def _non_default(f):
     return "other"
 
 
-@pytest.mark.parametrize("cls", AUDITED[:7], ids=[c.__name__ for c in AUDITED[:7]])
+@pytest.mark.parametrize("cls", AUDITED[:8], ids=[c.__name__ for c in AUDITED[:8]])
 def test_not_supported_fields_are_errors_when_set(cls):
     import dataclasses
 

@@ -1,7 +1,7 @@
 """Trainer configs with TRL 1.16's field names and defaults, plus JAX-only knobs.
 
 Every config is a plain dataclass. Field names and defaults are those of the installed TRL
-(`trl.SFTConfig`, `trl.DPOConfig`, `trl.KTOConfig`, `trl.GRPOConfig`,
+(`trl.SFTConfig`, `trl.DPOConfig`, `trl.KTOConfig`, `trl.RewardConfig`, `trl.GRPOConfig`,
 `trl.experimental.online_dpo.OnlineDPOConfig`) and of `transformers.TrainingArguments` for the common ones, written out
 here (this module never imports torch, transformers' Trainer or trl). On top of them every config has the JAX fields
 listed in `JAX_FIELDS`.
@@ -45,6 +45,7 @@ __all__ = [
     "SFTConfig",
     "DPOConfig",
     "KTOConfig",
+    "RewardConfig",
     "GRPOConfig",
     "OnlineDPOConfig",
     "ModelConfig",
@@ -822,6 +823,39 @@ class KTOConfig(BaseConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_choice("loss_type", self.loss_type, KTO_LOSS_TYPES)
+
+
+@dataclass
+class RewardConfig(BaseConfig):
+    """Fields and defaults of `trl.RewardConfig` (1.16) + `JAX_FIELDS`.
+
+    As in TRL, `max_length` filters: a pair whose chosen or rejected sequence (prompt included) has more than
+    `max_length` tokens is dropped from the dataset, nothing is truncated.
+    """
+
+    learning_rate: float = 0.0001
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    chat_template_path: str | None = None
+    disable_dropout: bool = True
+    dataset_num_proc: int | None = None
+    eos_token: str | None = None
+    max_length: int | None = 1024
+    pad_to_multiple_of: int | str | None = 'auto'
+    center_rewards_coefficient: float | None = None
+    activation_offloading: bool = False
+    pad_token: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        coef = self.center_rewards_coefficient
+        if coef is not None and (isinstance(coef, bool) or not isinstance(coef, (int, float))
+                                 or not math.isfinite(coef)):
+            raise ValueError(f"`center_rewards_coefficient` must be a finite number or None, got {coef!r} (TRL "
+                             "recommends 0.01).")
+        if self.pad_token is not None:
+            warnings.warn("`pad_token` is deprecated in TRL and will be removed in v2.0.0; set `tokenizer.pad_token` "
+                          "and pass the tokenizer as `processing_class` instead.", FutureWarning, stacklevel=3)
 
 
 @dataclass
