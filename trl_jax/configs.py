@@ -1108,6 +1108,8 @@ class ModelConfig(_ConfigMixin):
             if lora_set:
                 raise ValueError(f"{', '.join(lora_set)} set without `use_peft: true`: they would be ignored and the "
                                  "whole model trained; set `use_peft: true` (LoRA) or remove them.")
+        if isinstance(self.lora_target_modules, list) and len(self.lora_target_modules) == 1:
+            self.lora_target_modules = self.lora_target_modules[0]  # TRL: one entry is a string (`all-linear`, regex)
         if self.lora_task_type not in ("CAUSAL_LM", "SEQ_CLS"):
             raise ValueError(f"lora_task_type {self.lora_task_type!r}: choose CAUSAL_LM or SEQ_CLS.")
 

@@ -220,9 +220,11 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
         raise ValueError(f"LoRA on {head} is not supported (the LM head runs inside the fused log-prob kernel); "
                          f"list it in modules_to_save to train it in full.")
     if not chosen:
+        hint = (" One string is a regular expression over full module names (PEFT's rule), e.g. r'.*\.q_proj'; "
+                "a list of names matches by suffix." if isinstance(target, str) else "")
         raise ValueError(f"target_modules={target!r} matches no linear layer of this {model_cfg.model_type} model; its "
                          "layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj "
-                         "(or 'all-linear').")
+                         f"(or 'all-linear').{hint}")
     targets = tuple(tuple(p for p in ATTENTION_PROJ + MLP_PROJ if p in chosen.get(i, ()))
                     for i in range(model_cfg.num_hidden_layers))
     known = {"lm_head", "embed_tokens", "score", "norm", "v_head"}
