@@ -131,6 +131,7 @@ class Comparison:
     only_jax: list = field(default_factory=list)
     curves: dict = field(default_factory=dict)  # key -> (trl values, jax values)
     not_judged: list = field(default_factory=list)  # shared keys reported but left out of the verdict
+    floors: dict = field(default_factory=dict)  # key -> per-step absolute resolution used in the verdict
 
     def failures(self, rtol: float = 1e-3) -> dict:
         return {k: v for k, v in self.max_rel.items() if not v <= rtol and k not in self.not_judged}
@@ -148,23 +149,29 @@ class Comparison:
 
 
 def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, atol: float = 1e-6,
-            not_judged=()) -> Comparison:
+            not_judged=(), floors: dict | None = None) -> Comparison:
     """Step-by-step comparison of every numeric key both sides log (bookkeeping keys excluded); keys in
     ``not_judged`` are compared and reported but do not count in the verdict.
 
     Error of a value: ``|jax - trl| / max(|trl|, atol / rtol)`` -- relative, except near zero where ``atol``
-    applies (e.g. DPO rewards at step 1 are exactly 0 on both sides). ``NaN`` on both sides counts as equal."""
+    applies (e.g. DPO rewards at step 1 are exactly 0 on both sides). ``NaN`` on both sides counts as equal.
+    ``floors``: key -> per-step absolute resolution of that metric (a difference within it counts as equal:
+    the denominator is at least ``floor / rtol``), see :func:`resolution_floors`."""
     out = Comparison(len(trl_logs), len(jax_logs))
     keys_trl, keys_jax = _logged_keys(trl_logs), _logged_keys(jax_logs)
     out.only_trl, out.only_jax = sorted(keys_trl - keys_jax), sorted(keys_jax - keys_trl)
     out.not_judged = sorted(set(not_judged) & keys_trl & keys_jax)
+    out.floors = {k: list(v) for k, v in (floors or {}).items() if k in keys_trl & keys_jax}
     for k in sorted(keys_trl & keys_jax):
         a = np.array([_num(h.get(k)) for h in trl_logs])
         b = np.array([_num(h.get(k)) for h in jax_logs])
         n = min(len(a), len(b))
         a, b = a[:n], b[:n]
         both_nan = np.isnan(a) & np.isnan(b)
-        err = np.abs(b - a) / np.maximum(np.abs(a), atol / rtol)
+        denom = np.maximum(np.abs(a), atol / rtol)
+        if floors and k in floors:
+            denom = np.maximum(denom, np.nan_to_num(np.asarray(floors[k], float)[:n]) / rtol)
+        err = np.abs(b - a) / denom
         err = np.where(both_nan, 0.0, err)
         err = np.where(np.isnan(err), np.inf, err)
         out.max_rel[k] = float(err.max()) if n else float("nan")
@@ -172,6 +179,31 @@ def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, a
         out.bad_steps[k] = [int(i) + 1 for i in np.nonzero(~(err <= rtol))[0]]
         out.curves[k] = (a.tolist(), b.tolist())
     return out
+
+
+ULP_FACTOR = 2.0 ** -20  # 8 ulps of fp32 (2^-23 relative each)
+
+
+def resolution_floors(command: str, trl_logs: list[dict]) -> tuple[dict, list[str]]:
+    """Per-step absolute floors of metrics whose fp32 resolution is set by larger terms, and the notes saying so.
+
+    Online DPO: ``rewards/chosen|rejected|margins`` are ``beta * (sum log pi - sum log pi_ref)``, differences of
+    two sums of ``|logps/*|`` nats: their fp32 resolution is a few ulps of ``beta * |logps|`` whatever their own
+    size (1e-3 rewards from 37-nat sums carry ~2e-6 of rounding), so an absolute error of 8 ulps of
+    ``beta * max(|logps/chosen|, |logps/rejected|)`` counts as equal. TRL logs its online DPO ``loss`` rounded to
+    4 decimals (``OnlineDPOTrainer._maybe_log_save_evaluate``): floor 5e-5."""
+    if command != "online-dpo":
+        return {}, []
+    scale = np.array([abs(_num(h.get("beta"))) * max(abs(_num(h.get("logps/chosen"))),
+                                                     abs(_num(h.get("logps/rejected")))) for h in trl_logs])
+    floor = ULP_FACTOR * scale
+    floors = {k: floor.tolist() for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")}
+    floors["loss"] = [5e-5] * len(trl_logs)
+    notes = ["rewards/chosen|rejected|margins: an absolute difference within 8 fp32 ulps of beta * |logps| (the "
+             "summed log-probs they are differences of; at most %.1e here) counts as equal" % float(
+                 np.nanmax(floor) if len(floor) else 0.0),
+             "loss: TRL logs online DPO's loss rounded to 4 decimals; a difference within 5e-5 counts as equal"]
+    return floors, notes
 
 
 def _logged_keys(logs: list[dict]) -> set[str]:
@@ -474,9 +506,14 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
         sides[side] = _run_worker(side, spec, out_dir, _side_env(side, threads))
     sides = {"trl": sides["trl"], "trl_jax": sides["trl_jax"]}
     not_judged = NOT_JUDGED.get(command, {})
-    cmp = compare(sides["trl"]["logs"], sides["trl_jax"]["logs"], rtol=rtol, atol=atol, not_judged=not_judged)
+    floors, floor_notes = resolution_floors(command, sides["trl"]["logs"])
+    cmp = compare(sides["trl"]["logs"], sides["trl_jax"]["logs"], rtol=rtol, atol=atol, not_judged=not_judged,
+                  floors=floors)
+    notes += floor_notes
     for k in cmp.not_judged:
         notes.append(f"{k} is reported but not judged: {not_judged[k]}")
+    if command in ONLINE:
+        notes += pad_token_notes(base["rollouts"])
     result = _summarise(command, config, cmp, sides, rtol=rtol, atol=atol, warmup=warmup, notes=notes,
                         n_steps=n_steps)
     if sides["trl_jax"].get("note"):
@@ -497,6 +534,25 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
     return result
 
 
+def pad_token_notes(rollouts_path: str) -> list[str]:
+    """A note when trl_jax sampled the pad token inside completions: HF models built with
+    ``nn.Embedding(padding_idx=pad_token_id)`` give that embedding row no gradient, trl_jax's model does, so that
+    step's gradient (and the parameters after it) may differ. A trained model rarely samples its pad token; a random
+    one does."""
+    with open(rollouts_path, encoding="utf-8") as f:
+        rec = json.load(f)
+    pad = rec.get("pad_token_id")
+    if pad is None:
+        return []
+    steps = sorted({b.get("step") for b in rec["batches"] if any(pad in c for c in b["completion_ids"])} - {None})
+    if not steps:
+        return []
+    return [f"the sampled completions of step(s) {', '.join(map(str, steps))} contain the pad token (id {pad}) as a "
+            "sampled token: a transformers model whose config sets pad_token_id embeds it with "
+            "nn.Embedding(padding_idx=pad_token_id), which gives that row no gradient; trl_jax's embedding gets one, "
+            "so the gradient norm of those steps, and the parameters after them, may differ"]
+
+
 def _summarise(command, config, cmp: Comparison, sides, *, rtol, atol, warmup, notes, n_steps) -> dict:
     first = cmp.first_divergence(rtol)
     ok = cmp.ok(rtol)
@@ -507,7 +563,11 @@ def _summarise(command, config, cmp: Comparison, sides, *, rtol, atol, warmup, n
         for k in sorted(cmp.max_rel):
             a, b = _num(trl_logs[i].get(k)), _num(jax_logs[i].get(k))
             d = abs(b - a)
-            rel = d / max(abs(a), atol / rtol) if not (math.isnan(a) and math.isnan(b)) else 0.0
+            den = max(abs(a), atol / rtol)
+            floor = cmp.floors.get(k)
+            if floor and i < len(floor) and not math.isnan(floor[i]):
+                den = max(den, floor[i] / rtol)
+            rel = d / den if not (math.isnan(a) and math.isnan(b)) else 0.0
             row["metrics"][k] = {"trl": a, "trl_jax": b, "abs_diff": d, "rel_diff": rel,
                                  "ok": bool(rel <= rtol), "judged": k not in cmp.not_judged}
         steps.append(row)
@@ -535,6 +595,7 @@ def _summarise(command, config, cmp: Comparison, sides, *, rtol, atol, warmup, n
         "ok": ok, "first_divergence": {"step": first[0], "keys": first[1]} if first else None,
         "steps_logged": {"trl": cmp.steps_trl, "trl_jax": cmp.steps_jax},
         "only_trl": cmp.only_trl, "only_trl_jax": cmp.only_jax, "not_judged": cmp.not_judged,
+        "resolution_floors": cmp.floors,
         "max_rel": cmp.max_rel, "worst_step": cmp.worst_step, "bad_steps": cmp.bad_steps,
         "per_step": steps, "curves": {k: {"trl": v[0], "trl_jax": v[1]} for k, v in cmp.curves.items()},
         "main_metrics": MAIN_METRICS.get(command, []),

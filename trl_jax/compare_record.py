@@ -8,7 +8,10 @@ One record per sampled training batch (a GRPO generation batch, an online DPO mi
   once, in order, as TRL's ``RepeatSampler`` reads them);
 * ``prompts``: the prompts as TRL's trainer receives them (GRPO: each repeated ``num_generations`` times);
 * ``prompt_ids`` (GRPO: per completion; online DPO: per prompt) and ``completion_ids`` (per completion, up to and
-  including the first EOS; online DPO: the first completion of every prompt, then the second ones): token ids.
+  including the first EOS; online DPO: the first completion of every prompt, then the second ones): token ids;
+* ``step``: the 1-based optimizer step the batch was sampled for.
+
+The file also holds the tokenizer's ``pad_token_id`` and ``eos_token_ids``.
 
 Nothing is changed in training: the recording reads the sampler's output on the host.
 """
@@ -46,7 +49,8 @@ class _Recording:
 
     def save_records(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"batches": self.records}, f, default=_json_default)
+            json.dump({"pad_token_id": self.pad_token_id, "eos_token_ids": list(self.eos_token_ids),
+                       "batches": self.records}, f, default=_json_default)
 
 
 def _json_default(x):
@@ -64,6 +68,10 @@ def recording_trainer_cls(command: str) -> type:
 
     if command == "grpo":
         class RecordingGRPOTrainer(_Recording, GRPOTrainer):
+            def _batch_for_step(self, step):
+                self._record_step = step + 1
+                return super()._batch_for_step(step)
+
             def _generation(self, gen_index):
                 self._recording = True
                 try:
@@ -76,6 +84,7 @@ def recording_trainer_cls(command: str) -> type:
                 if self._recording:
                     cids, cmask = self._last_sampled
                     self.records.append({
+                        "step": self._record_step,
                         "rows": [_row(r) for r in rows[::num_generations]],
                         "prompts": [r["prompt"] for r in rows],
                         "prompt_ids": [list(r["prompt_ids"]) for r in rows],
@@ -93,6 +102,7 @@ def recording_trainer_cls(command: str) -> type:
                     for s in range(0, len(rows), micro_rows):
                         idx = range(s, min(s + micro_rows, len(rows)))
                         self.records.append({
+                            "step": self._gen_step + 1,
                             "rows": [_row(rows[i]) for i in idx],
                             "prompts": [rows[i]["prompt"] for i in idx],
                             "prompt_ids": [list(rows[i]["prompt_ids"]) for i in idx],
