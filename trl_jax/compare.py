@@ -691,6 +691,7 @@ def plot_compare(r: dict, path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metrics = ["loss"] + [k for k in r.get("main_metrics", []) if k in r["curves"]]
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.4), dpi=80)
@@ -700,6 +701,7 @@ def plot_compare(r: dict, path: str) -> str:
         ax.plot(x, c["trl"], "o-", color="#ee4c2c", label="TRL (PyTorch)", markersize=4)
         ax.plot(x, c["trl_jax"], "x--", color="#3b6fd1", label="trl_jax (JAX)", markersize=5)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{k} (max rel. diff {r['max_rel'][k]:.1e})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
