@@ -269,7 +269,7 @@ def _run(ns, extra) -> int:
     if ns.command == "env":
         print_env()
         return 0
-    if ns.command == "compare":  # trl-jax compare sft|dpo|kto --config x.yaml [--steps N] [--out DIR]
+    if ns.command == "compare":  # trl-jax compare sft|dpo|kto|grpo|online-dpo --config x.yaml [--steps N] [--out DIR]
         from trl_jax.compare import main as compare_main
 
         return compare_main(extra + (["--config", ns.config] if ns.config else []))
