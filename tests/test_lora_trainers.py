@@ -266,7 +266,7 @@ def _lora_trainer(kind, out, **extra):
         data = load_builtin_dataset("arithmetic_preference").select(range(16))
         if kind == "kto":
             return T.KTOTrainer(model, args=C.KTOConfig(max_length=32, **common), train_dataset=data, peft_config=lora)
-        return T.RewardTrainer(model, args=C.RewardConfig(max_length=32, **common), train_dataset=data,
+        return T.RewardTrainer(model, args=C.RewardConfig(max_length=256, **common), train_dataset=data,
                                peft_config=lora)
     prompts = load_builtin_dataset("arithmetic_prompts").select(range(16))
     return T.OnlineDPOTrainer(model, reward_funcs=reward, train_dataset=prompts, peft_config=lora,
@@ -335,3 +335,23 @@ def test_lora_resume_is_exact_and_an_adapter_dir_continues_training(tmp_path):
         want_logits = tm(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(full.model.logits(full.state.params, ids)), want_logits, atol=1e-4,
                                rtol=1e-4)
+
+
+def test_lora_quickstart_config_runs_from_the_cli(tmp_path):
+    """configs/quickstart_sft_lora.yaml as shipped (use_peft + lora_* keys), shortened: the CLI trains adapters
+    and writes PEFT's adapter directory."""
+    import json
+
+    from trl_jax import cli
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "qs"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        rc = cli.main(["sft", "--config", str(root / "configs" / "quickstart_sft_lora.yaml"), "--max_steps", "2",
+                       "--model_name_or_path", "builtin:tiny-qwen3", "--output_dir", str(out),
+                       "--dataset_test_split", "none"])
+    assert rc in (0, None)
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"], cfg["modules_to_save"]) == \
+        (64, 64, "all-linear", ["embed_tokens"])
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()

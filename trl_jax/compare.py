@@ -223,8 +223,9 @@ def _num(v) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- trainers
-def build_jax_trainer(kind: str, model, args_kwargs: dict, dataset, callbacks=None):
-    """trl_jax's trainer of ``kind`` for ``args_kwargs`` (fields of its config)."""
+def build_jax_trainer(kind: str, model, args_kwargs: dict, dataset, callbacks=None, **trainer_kwargs):
+    """trl_jax's trainer of ``kind`` for ``args_kwargs`` (fields of its config); ``trainer_kwargs`` (e.g.
+    ``peft_config``) go to the trainer."""
     from trl_jax.configs import DPOConfig, KTOConfig, SFTConfig
     from trl_jax.trainers import DPOTrainer, KTOTrainer, SFTTrainer
 
@@ -233,7 +234,7 @@ def build_jax_trainer(kind: str, model, args_kwargs: dict, dataset, callbacks=No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = cfg_cls(**args_kwargs)
-        return trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
+        return trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=callbacks, **trainer_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- workers
