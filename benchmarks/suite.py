@@ -29,6 +29,7 @@ GPU = [
     ("trainers-lora", ["bench_trainers.py", "--preset", "qwen3-0.6b", "--trainers", "sft", "--lora", "16",
                        "--steps", "12"], 90),
     ("sampler", ["bench_sampler.py", "--preset", "qwen3-0.6b", "--compare-transformers"], 60),
+    ("sampler-lora", ["bench_sampler.py", "--preset", "qwen3-0.6b", "--lora", "16"], 60),
     ("grpo", ["bench_grpo.py", "--preset", "gpu-qwen3-0.6b", "--steps", "3", "--warmup", "1"], 90),
 ]
 CPU = [
