@@ -154,6 +154,11 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     from trl_jax.models.lora import get_peft_config
 
     peft_config = get_peft_config(run.model_args)  # use_peft + lora_* (TRL's ModelConfig), as TRL's scripts
+    if run.model_args.load_in_4bit:  # TRL's get_quantization_config -> model_init_kwargs["quantization_config"]
+        kwargs = dict(args.model_init_kwargs or {}) if isinstance(args.model_init_kwargs, (dict, type(None))) else {}
+        kwargs["quantization_config"] = {"load_in_4bit": True,
+                                         "bnb_4bit_quant_type": run.model_args.bnb_4bit_quant_type}
+        args.model_init_kwargs = kwargs
     if command in ("grpo", "online-dpo"):
         from trl_jax.rewards import resolve_reward_funcs
 

@@ -98,7 +98,11 @@ def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, laye
         lora=cfg.lora,
         lora_init=cfg.lora is not None and cfg.lora.adapts(name, layer),
         kernel_axes=tuple(axes),
+        quant=cfg.quantization if name in _QUANTIZED else None,
     )
+
+
+_QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # bnb: all but heads
 
 
 class Attention(nn.Module):
