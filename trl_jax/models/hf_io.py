@@ -75,6 +75,41 @@ def _flat(b):
     return b.reshape(-1)
 
 
+def _rows(start, stop, then):  # HF [out, in]: rows [start, stop) of a fused projection, then ``then``
+    return lambda w: then(w[start:stop])
+
+
+def _projections(cfg: ModelConfig) -> list[tuple]:
+    """q/k/v and gate/up kernels: one HF tensor each, or (Phi-3, :data:`FUSED_PROJECTIONS`) slices of the fused
+    ``qkv_proj`` / ``gate_up_proj`` rows; :func:`save_pretrained` concatenates entries that share an HF name."""
+    N, K, Hd, F = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    q, k, v = (("self_attn", n, "kernel") for n in ("q_proj", "k_proj", "v_proj"))
+    gate, up = ("mlp", "gate_proj", "kernel"), ("mlp", "up_proj", "kernel")
+    if cfg.model_type not in FUSED_PROJECTIONS:
+        return [
+            (q, "self_attn.q_proj.weight", _heads_in(N, Hd), _heads_in_inv),
+            (k, "self_attn.k_proj.weight", _heads_in(K, Hd), _heads_in_inv),
+            (v, "self_attn.v_proj.weight", _heads_in(K, Hd), _heads_in_inv),
+            (gate, "mlp.gate_proj.weight", _t, _t),
+            (up, "mlp.up_proj.weight", _t, _t),
+        ]
+    qkv, gate_up = FUSED_PROJECTIONS[cfg.model_type]
+    nq, nk = N * Hd, K * Hd
+    return [
+        (q, qkv, _rows(0, nq, _heads_in(N, Hd)), _heads_in_inv),
+        (k, qkv, _rows(nq, nq + nk, _heads_in(K, Hd)), _heads_in_inv),
+        (v, qkv, _rows(nq + nk, nq + 2 * nk, _heads_in(K, Hd)), _heads_in_inv),
+        (gate, gate_up, _rows(0, F, _t), _t),
+        (up, gate_up, _rows(F, 2 * F, _t), _t),
+    ]
+
+
+# model_type -> HF names of its fused (q, k, v) and (gate, up) projections, rows in that order
+FUSED_PROJECTIONS = {"phi3": ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")}
+# Gemma's two extra norms per layer (ModelConfig.sandwich_norms)
+_SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
 def param_entries(cfg: ModelConfig, *, value_head: bool = False) -> list[_Entry]:
     """The HF-name <-> param-path table for ``cfg`` (layer entries marked ``stacked``)."""
     N, K, Hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -83,14 +118,12 @@ def param_entries(cfg: ModelConfig, *, value_head: bool = False) -> list[_Entry]
     lay = [
         (("input_layernorm", "scale"), "input_layernorm.weight", _ident, _ident),
         (("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", _ident, _ident),
-        (("self_attn", "q_proj", "kernel"), "self_attn.q_proj.weight", _heads_in(N, Hd), _heads_in_inv),
-        (("self_attn", "k_proj", "kernel"), "self_attn.k_proj.weight", _heads_in(K, Hd), _heads_in_inv),
-        (("self_attn", "v_proj", "kernel"), "self_attn.v_proj.weight", _heads_in(K, Hd), _heads_in_inv),
+        *_projections(cfg),
         (("self_attn", "o_proj", "kernel"), "self_attn.o_proj.weight", _heads_out(N, Hd), _heads_out_inv),
-        (("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", _t, _t),
-        (("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", _t, _t),
         (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", _t, _t),
     ]
+    if cfg.sandwich_norms:
+        lay += [((n, "scale"), f"{n}.weight", _ident, _ident) for n in _SANDWICH_NORMS]
     if cfg.qkv_bias:
         lay += [
             (("self_attn", "q_proj", "bias"), "self_attn.q_proj.bias", _heads_bias(N, Hd), _flat),
@@ -208,7 +241,8 @@ def from_pretrained(
     revision: str | None = None,
     token=None,
 ) -> tuple[CausalLM, dict]:
-    """Load an HF Llama/Mistral/Qwen2/Qwen3 checkpoint (``*ForCausalLM`` or ``*ForSequenceClassification``).
+    """Load an HF checkpoint of a supported architecture (``config.SUPPORTED_ARCHITECTURES``: Llama, Mistral,
+    Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3; ``*ForCausalLM`` or ``*ForSequenceClassification``).
 
     Returns ``(model, params)``. Each tensor is read from its safetensors file (sharded checkpoints through
     ``model.safetensors.index.json``) and put on its final sharding as it is read: ``shardings`` (a tree
@@ -302,16 +336,60 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def to_hf_config(cfg: ModelConfig):
-    """A ``transformers`` config for ``cfg`` (for models built from scratch, without an HF config)."""
-    from transformers import AutoConfig
+def _fuse_shared_names(tensors: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """Entries that share an HF name (slices of a fused projection) -> one tensor, their rows concatenated in entry
+    order, at the first one's place."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for n, a in tensors:
+        groups.setdefault(n, []).append(a)
+    return [(n, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)) for n, parts in groups.items()]
 
+
+def _family_hf_kwargs(cfg: ModelConfig) -> dict:
+    """The config fields of ``cfg``'s family beyond the shared ones (inverse of ``config._FAMILY_TRAITS``)."""
+    mt = cfg.model_type
+    kw: dict = {}
+    if mt in ("llama", "qwen3", "gemma2", "gemma3_text"):
+        kw["attention_bias"] = cfg.qkv_bias
+    if mt == "llama":
+        kw["mlp_bias"] = cfg.mlp_bias
+    if mt in ("mistral", "phi3"):
+        kw["sliding_window"] = (cfg.sliding_windows or (None,))[0]
+    if mt in ("gemma2", "gemma3_text"):
+        ws = cfg.sliding_windows or (None,) * cfg.num_hidden_layers
+        kw.update(hidden_activation=cfg.hidden_act,
+                  query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                  final_logit_softcapping=cfg.final_logit_softcapping,
+                  sliding_window=next((w for w in ws if w is not None), None),
+                  layer_types=["full_attention" if w is None else "sliding_attention" for w in ws])
+    if mt == "gemma2":
+        kw["attn_logit_softcapping"] = cfg.attn_logit_softcapping
+    return kw
+
+
+def _rope_hf(cfg: ModelConfig) -> dict:
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type != "default":
+    if cfg.rope_type not in ("default", "longrope"):
         rope["factor"] = cfg.rope_factor
     if cfg.rope_type == "llama3":
         rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_max_position_embeddings)
+    if cfg.rope_type == "longrope":
+        rope.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor),
+                    attention_factor=cfg.rope_attention_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_position_embeddings)
+    if cfg.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if cfg.rope_local_theta is not None:
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}}
+    return rope
+
+
+def to_hf_config(cfg: ModelConfig):
+    """A ``transformers`` config for ``cfg`` (for models built from scratch, without an HF config)."""
+    from transformers import AutoConfig
+
+    rope = _rope_hf(cfg)
     kw = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
@@ -319,12 +397,11 @@ def to_hf_config(cfg: ModelConfig):
         hidden_act=cfg.hidden_act, tie_word_embeddings=cfg.tie_word_embeddings,
         max_position_embeddings=cfg.max_position_embeddings, rope_parameters=rope, pad_token_id=cfg.pad_token_id,
     )
-    if cfg.model_type in ("llama", "qwen3"):
-        kw["attention_bias"] = cfg.qkv_bias
-    if cfg.model_type == "llama":
-        kw["mlp_bias"] = cfg.mlp_bias
-    if cfg.model_type == "mistral":
-        kw["sliding_window"] = (cfg.sliding_windows or (None,))[0]
+    kw.update(_family_hf_kwargs(cfg))
+    if "hidden_activation" in kw:
+        del kw["hidden_act"]
+    if cfg.model_type == "phi3" and cfg.rope_type == "longrope":
+        kw["original_max_position_embeddings"] = cfg.rope_original_max_position_embeddings
     if cfg.num_labels:
         kw["num_labels"] = cfg.num_labels
     return AutoConfig.for_model(cfg.model_type, **kw)
@@ -360,6 +437,7 @@ def save_pretrained(
             for i in range(cfg.num_hidden_layers if entry.stacked else 1):
                 arr = _to_host(_get(params, _param_path(entry, cfg, i)))
                 tensors.append((entry.hf.format(i=i), entry.to_hf(arr)))
+    tensors = _fuse_shared_names(tensors)
     if dtype is not None:
         np_dtype = np.dtype(jnp.dtype(dtype))
         tensors = [(n, a.astype(np_dtype)) for n, a in tensors]

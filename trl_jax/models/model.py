@@ -104,7 +104,12 @@ class CausalLM:
         return params["lm_head"]["kernel"]
 
     def logits_from_hidden(self, params, hidden) -> jnp.ndarray:
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight(params).astype(hidden.dtype))
+        """``hidden [..., D]`` -> logits ``[..., V]`` (compute dtype), soft-capped where the model does (Gemma)."""
+        logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight(params).astype(hidden.dtype))
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = (cap * jnp.tanh(logits / cap)).astype(logits.dtype)
+        return logits
 
     def logits(self, params, input_ids, positions=None, segment_ids=None, attention_mask=None):
         """``[B, T, V]`` logits in the compute dtype."""
@@ -178,6 +183,12 @@ class CausalLM:
         q_seg = jnp.ones((tokens.shape[0], 1), jnp.int32)
         h, cache = self._cached_forward(params, cache, tokens[:, None], positions[:, None].astype(jnp.int32), q_seg)
         return self.logits_from_hidden(params, h[:, 0]), cache
+
+
+def final_logit_softcapping(model) -> float | None:
+    """The model's final-logit soft-cap (Gemma 2/3), for ``fused_log_probs(..., final_logit_softcapping=)``;
+    ``None`` for models without one (or without a ``config`` that says)."""
+    return getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
 
 def value_head_apply(v_head_params, hidden) -> jnp.ndarray:

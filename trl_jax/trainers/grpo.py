@@ -50,6 +50,7 @@ from trl_jax.data.formats import is_conversational
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.grpo import grpo_advantages, grpo_loss, truncated_completions
 from trl_jax.ops import fused_log_probs
+from trl_jax.models.model import final_logit_softcapping
 from trl_jax.parallel import batch_parallel_size
 from trl_jax.parallel.distributed import (gather_to_host, is_main_process, is_multiprocess, make_global_batch,
                                           process_rows, sum_over_processes)
@@ -524,6 +525,7 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
         return fused_log_probs(
             h, self.model.lm_head_weight(params), batch["completion_ids"], chunk_size=self.args.logprob_chunk_size,
             temperature=self.args.temperature, return_entropy=entropy, mask=batch["completion_mask"].astype(bool),
+            final_logit_softcapping=final_logit_softcapping(self.model),
         )
 
     def _dispatch_old_logps(self, params, arrays) -> list:

@@ -17,6 +17,7 @@ from trl_jax.data.tokenization import prepare_sft_dataset
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.sft import shift_labels, sft_loss
 from trl_jax.ops import fused_log_probs
+from trl_jax.models.model import final_logit_softcapping
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 
 
@@ -74,6 +75,7 @@ class SFTTrainer(BaseTrainer):
         logps, entropy, top1 = fused_log_probs(
             hidden, model.lm_head_weight(params), targets,
             chunk_size=self.args.logprob_chunk_size, return_entropy=True, return_top1=True, mask=loss_mask,
+            final_logit_softcapping=final_logit_softcapping(model),
         )
         return sft_loss(logps, loss_mask, loss_type=self.args.loss_type, per_token_entropy=entropy, is_top1=top1)
 
@@ -97,7 +99,8 @@ class SFTTrainer(BaseTrainer):
                 hidden = model.hidden_states(p, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
                 targets, mask = shift_labels(batch["labels"])
                 _, top1 = fused_log_probs(hidden, model.lm_head_weight(p), targets,
-                                          chunk_size=self.args.logprob_chunk_size, return_top1=True, mask=mask)
+                                          chunk_size=self.args.logprob_chunk_size, return_top1=True, mask=mask,
+                                          final_logit_softcapping=final_logit_softcapping(model))
                 return jnp.all(top1 | ~mask, axis=-1) & jnp.any(mask, axis=-1)
 
             self._exact_match_fn = jax.jit(fn)
