@@ -213,7 +213,7 @@ def _gemma2(c) -> dict:
         raise ValueError("use_bidirectional_attention=True (Gemma encoder use) is not supported by trl_jax.models.")
     return dict(
         qkv_bias=bias, o_bias=bias, norm_unit_offset=True, embedding_multiplier=float(c.hidden_size) ** 0.5,
-        sandwich_norms=True, hidden_act=c.hidden_activation, query_pre_attn_scalar=float(c.query_pre_attn_scalar),
+        sandwich_norms=True, hidden_act=c.hidden_activation, query_pre_attn_scalar=c.query_pre_attn_scalar,
         attn_logit_softcapping=getattr(c, "attn_logit_softcapping", None),
         final_logit_softcapping=getattr(c, "final_logit_softcapping", None),
         sliding_windows=_layer_windows(c, every_layer=False),
