@@ -225,3 +225,27 @@ def test_sft_and_grpo_train_end_to_end(name, trainer_models, tmp_path, trl_jax_c
     assert len(logs) == 2 and all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in logs)
     after = jax.tree.leaves(jax.tree.map(np.asarray, grpo.state.params))
     assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(before), after))
+
+
+def test_splash_soft_capped_attention_equals_xla(monkeypatch):
+    """Gemma 2's attention soft-cap in the Pallas splash kernel (interpreted on CPU) = XLA attention's, with
+    padding, packing, GQA and a window; cuDNN cannot soft-cap, so ``cudnn`` calls with a cap run on XLA."""
+    from trl_jax.models import attention as A
+
+    monkeypatch.setattr(A, "SPLASH_INTERPRET", True)
+    b, t, n, k, h, cap, window = 2, 128, 4, 2, 16, 0.8, 37
+    rng = np.random.default_rng(0)
+    q, kk, v = (jnp.asarray(rng.normal(size=(b, t, m, h)), jnp.float32) for m in (n, k, k))
+    seg = np.ones((b, t), np.int32)
+    seg[0, :20] = 0
+    seg[1, 50:] = 2
+    seg[1, 120:] = 0
+    slots = jnp.arange(t, dtype=jnp.int32)
+    mask = A.build_mask(slots, slots, jnp.asarray(seg), jnp.asarray(seg)) & A.window_mask(slots, slots, window)
+    ref = A.xla_attention(q, kk, v, mask, scale=h**-0.5, softcap=cap)
+    assert np.abs(np.asarray(ref - A.xla_attention(q, kk, v, mask, scale=h**-0.5))).max() > 1e-2  # the cap bites
+    got = A.attend(q, kk, v, mask, scale=h**-0.5, impl="splash", segment_ids=jnp.asarray(seg), window=window,
+                   softcap=cap)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(A.attend(q, kk, v, mask, scale=h**-0.5, impl="cudnn", softcap=cap)),
+                                  np.asarray(ref))
