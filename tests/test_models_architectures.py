@@ -249,3 +249,18 @@ def test_splash_soft_capped_attention_equals_xla(monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(np.asarray(A.attend(q, kk, v, mask, scale=h**-0.5, impl="cudnn", softcap=cap)),
                                   np.asarray(ref))
+
+
+def test_sharded_load_onto_8_device_mesh(tmp_path_factory):
+    """Gemma 3 (sandwich norms, qk-norm, two RoPE tables) and Phi-3 (fused projections split on load) placed on a
+    (fsdp 2, tensor 4) mesh: the q kernel sharded, logits as transformers'."""
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    ids, mask, pos = padded_batch()
+    for name in ("gemma3_text", "phi3"):
+        tm, d, _, _ = _loaded(name, tmp_path_factory)
+        model, params = from_pretrained(d, mesh=mesh)
+        q = params["layers"]["self_attn"]["q_proj"]["kernel"]  # (layers, embed, heads, head_dim)
+        assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+        out = np.asarray(jax.jit(model.logits)(params, ids, pos, mask))
+        assert np.abs(out - torch_logits(tm, ids, mask, pos))[mask.astype(bool)].max() <= ATOL
