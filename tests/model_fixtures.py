@@ -53,6 +53,11 @@ NEW_ARCHS: dict[str, tuple[str, dict]] = {
     "phi3": ("Phi3Config", dict(hidden_size=64, max_position_embeddings=32, sliding_window=5,
                                 rope_parameters=dict(_LONGROPE, partial_rotary_factor=0.5),
                                 tie_word_embeddings=False, pad_token_id=0)),
+    # mixtures of experts: 4 experts, top 2 (Qwen3-MoE without renormalization, Mixtral always renormalizes)
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                         norm_topk_prob=False, tie_word_embeddings=False)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+                                      tie_word_embeddings=True)),
 }
 
 

@@ -85,10 +85,9 @@ def test_padded_packed_scanned_and_unrolled_logits_match_transformers(name, tmp_
         np.testing.assert_allclose(out[r, start:start + n], torch_logits(tm, toks[None])[0], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_kv_cache_decoding_matches_transformers_cached_decoding(name, tmp_path_factory):
-    tm, _, model, params = _loaded(name, tmp_path_factory)
-    P, G = 6, 6  # prompt within phi3's original context (short factors), decoding past it (long factors)
+def _check_cached_decoding(tm, model, params, P=6, G=6):
+    """Prefill ``P`` tokens (rows left-padded by 0, 2, 4), then ``G`` single-token steps: each step's logits equal
+    transformers' own cached decoding of the same rows."""
     rng = np.random.default_rng(3)
     ids = rng.integers(1, 97, size=(3, P + G)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -104,6 +103,12 @@ def test_kv_cache_decoding_matches_transformers_cached_decoding(name, tmp_path_f
     for t in range(P, P + G):
         last, cache = step(params, cache, ids[:, t], pos[:, t])
         np.testing.assert_allclose(np.asarray(last), ref[:, t - P + 1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kv_cache_decoding_matches_transformers_cached_decoding(name, tmp_path_factory):
+    tm, _, model, params = _loaded(name, tmp_path_factory)
+    _check_cached_decoding(tm, model, params)  # phi3: the prompt in the short-factor range, decoding past it
 
 
 def test_sampler_logprobs_carry_the_final_logit_softcap(tmp_path_factory):
@@ -264,3 +269,62 @@ def test_sharded_load_onto_8_device_mesh(tmp_path_factory):
         assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
         out = np.asarray(jax.jit(model.logits)(params, ids, pos, mask))
         assert np.abs(out - torch_logits(tm, ids, mask, pos))[mask.astype(bool)].max() <= ATOL
+
+
+# ---------------------------------------------------------------------------------------------- mixtures of experts
+MOE = ["qwen3_moe", "mixtral"]
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_logits_cache_round_trip_and_aux_loss_match_transformers(name, tmp_path_factory):
+    """Dense dispatch = transformers' routed experts (top-2 of 4, each family's renormalization rule): padded and
+    packed logits, scanned = unrolled, cached decoding, save round trip, and the load-balancing loss equal to
+    transformers' ``aux_loss`` (``output_router_logits=True``, padding masked)."""
+    from trl_jax.models import router_aux_loss
+
+    tm, d, model, params = _loaded(name, tmp_path_factory)
+    width = 24 if name == "qwen3_moe" else 64  # moe_intermediate_size / Mixtral's intermediate_size
+    assert params["layers"]["mlp"]["gate_proj"]["kernel"].shape == (2, 32, 4, width)
+    ids, mask, pos = padded_batch()
+    ref = torch_logits(tm, ids, mask, pos)
+    out = np.asarray(jax.jit(model.logits)(params, ids, pos, mask))
+    assert np.abs(out - ref)[mask.astype(bool)].max() <= ATOL
+    model_u, params_u = from_pretrained(d, scan_layers=False)
+    np.testing.assert_allclose(np.asarray(jax.jit(model_u.logits)(params_u, ids, pos, mask)), out, atol=1e-5, rtol=0)
+    pids, ppos, pseg, docs = packed_batch()
+    pout = np.asarray(jax.jit(model.logits)(params, pids, ppos, pseg))
+    for r, start, n, toks in docs:
+        np.testing.assert_allclose(pout[r, start:start + n], torch_logits(tm, toks[None])[0], atol=ATOL, rtol=0)
+    # load-balancing loss: transformers' load_balancing_loss_func over its router logits, padding excluded
+    with torch.no_grad():
+        r = tm(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+               position_ids=torch.as_tensor(pos, dtype=torch.long), output_router_logits=True)
+    for m, p in ((model, params), (model_u, params_u)):
+        logits = jax.jit(m.router_logits)(p, ids, pos, mask)
+        assert logits.shape == (2, 3, 12, 4)
+        aux = router_aux_loss(logits, model.config.num_experts_per_tok, mask)
+        assert float(aux) == pytest.approx(float(r.aux_loss), abs=1e-5)
+    _check_cached_decoding(tm, model, params)
+    # save -> transformers: per-expert tensors, identical weights and logits
+    out_dir = tmp_path_factory.mktemp(f"{name}_out")
+    save_pretrained(CausalLM(model.config), params, str(out_dir))  # config rebuilt by to_hf_config
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir), attn_implementation="eager").eval()
+    sa, sb = tm.state_dict(), back.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=0, rtol=0, msg=k)
+    np.testing.assert_array_equal(torch_logits(back, ids, mask, pos), ref)
+
+
+def test_moe_expert_weights_shard_over_an_expert_mesh_axis(tmp_path_factory):
+    """The ``expert`` logical axis maps to a mesh axis of the same name: experts split over it, logits unchanged."""
+    tm, d, _, _ = _loaded("qwen3_moe", tmp_path_factory)
+    mesh = jax.make_mesh((2, 2, 2), ("fsdp", "expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    model, params = from_pretrained(d, mesh=mesh)
+    up = params["layers"]["mlp"]["up_proj"]["kernel"]  # (layers, embed, expert, mlp)
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "expert", "tensor")
+    down = params["layers"]["mlp"]["down_proj"]["kernel"]  # (layers, expert, mlp, embed)
+    assert down.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "tensor", "fsdp")
+    ids, mask, pos = padded_batch()
+    out = np.asarray(jax.jit(model.logits)(params, ids, pos, mask))
+    assert np.abs(out - torch_logits(tm, ids, mask, pos))[mask.astype(bool)].max() <= ATOL

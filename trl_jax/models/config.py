@@ -1,6 +1,7 @@
 """Model configuration: an HF ``config.json`` (via ``transformers.AutoConfig``) -> :class:`ModelConfig`.
 
-One decoder covers the Llama family (Llama, Mistral, Qwen2, Qwen3), Gemma 2, Gemma 3 (text) and Phi-3.
+One decoder covers the Llama family (Llama, Mistral, Qwen2, Qwen3), Gemma 2, Gemma 3 (text), Phi-3 and the
+mixtures of experts Qwen3-MoE and Mixtral.
 ``ModelConfig`` holds the architecture (read from the HF config: the shared fields, then one small function per
 family in :data:`_FAMILY_TRAITS`) and the JAX knobs (compute ``dtype``, ``param_dtype``, ``scan_layers``,
 ``remat_policy``, ``attention_impl``).
@@ -22,6 +23,8 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
     "phi3": ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
+    "mixtral": ("MixtralForCausalLM", "MixtralForSequenceClassification"),
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -97,6 +100,11 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # Gemma: attention scale = query_pre_attn_scalar**-0.5
     attn_logit_softcapping: float | None = None  # Gemma 2: scores = cap * tanh(scores / cap) before the mask
     final_logit_softcapping: float | None = None  # Gemma 2/3: logits = cap * tanh(logits / cap)
+    num_experts: int = 0  # mixture of experts (Qwen3-MoE, Mixtral) on every layer; 0 = dense MLP
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int | None = None  # each expert's MLP width
+    norm_topk_prob: bool = True  # renormalize the top-k routing probabilities (Mixtral always; Qwen3-MoE per config)
+    router_aux_loss_coef: float = 0.0  # transformers' load-balancing loss weight (see trl_jax.models.moe)
     max_position_embeddings: int = 2048
     rope_type: str = "default"
     rope_theta: float = 10000.0
@@ -132,6 +140,9 @@ class ModelConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r} is unknown; choose one of {REMAT_POLICIES}.")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} is unknown; choose one of {ATTENTION_IMPLS}.")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
+                             f"({self.num_experts}).")
         if self.sliding_windows is not None and len(self.sliding_windows) != self.num_hidden_layers:
             raise ValueError("sliding_windows must give one entry (int or None) per layer.")
 
@@ -234,10 +245,27 @@ def _phi3(c) -> dict:
     return dict(sliding_windows=_layer_windows(c, every_layer=True))
 
 
+def _qwen3_moe(c) -> dict:
+    sparse = [i for i in range(c.num_hidden_layers)
+              if i not in (c.mlp_only_layers or []) and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0]
+    if len(sparse) != c.num_hidden_layers:
+        raise ValueError("Qwen3-MoE checkpoints whose layers mix dense and expert MLPs (decoder_sparse_step > 1 or "
+                         "mlp_only_layers) are not supported by trl_jax.models; every layer must be sparse.")
+    return dict(_qwen3(c), num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=bool(c.norm_topk_prob),
+                router_aux_loss_coef=float(c.router_aux_loss_coef))
+
+
+def _mixtral(c) -> dict:
+    return dict(_mistral(c), num_experts=c.num_local_experts, num_experts_per_tok=c.num_experts_per_tok,
+                moe_intermediate_size=c.intermediate_size, norm_topk_prob=True,
+                router_aux_loss_coef=float(c.router_aux_loss_coef))
+
+
 # model_type -> the ModelConfig fields its family sets beyond the shared ones (names from transformers' configs)
 _FAMILY_TRAITS = {
     "llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3,
-    "gemma2": _gemma2, "gemma3_text": _gemma3_text, "phi3": _phi3,
+    "gemma2": _gemma2, "gemma3_text": _gemma3_text, "phi3": _phi3, "qwen3_moe": _qwen3_moe, "mixtral": _mixtral,
 }
 
 

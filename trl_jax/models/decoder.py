@@ -23,6 +23,10 @@ Parameter tree (HF names, linen leaves; logical axis names in brackets; ``layers
       mlp/gate_proj/kernel            [D, F]            (embed, mlp)
       mlp/up_proj/kernel              [D, F]            (embed, mlp)
       mlp/down_proj/kernel            [F, D]            (mlp, embed)
+      mlp/gate/kernel                 [D, E]            (embed, expert)        mixture of experts: the router
+      mlp/gate_proj/kernel            [D, E, Fe]        (embed, expert, mlp)   ... and E experts in place of the
+      mlp/up_proj/kernel              [D, E, Fe]        (embed, expert, mlp)       dense MLP kernels above
+      mlp/down_proj/kernel            [E, Fe, D]        (expert, mlp, embed)
     norm/scale                        [D]               (embed,)
     lm_head/kernel                    [D, V]            (embed, vocab)   untied causal LMs only
     score/kernel                      [D, num_labels]   (embed, labels)  sequence classification only
@@ -39,10 +43,12 @@ import jax.numpy as jnp
 
 from trl_jax.models.attention import attend, build_mask, static_window, window_mask
 from trl_jax.models.config import NO_WINDOW, ModelConfig
+from trl_jax.models.moe import router_weights
 from trl_jax.models.rope import apply_rope, layer_cos_sin, rope_cos_sin
 from trl_jax.parallel.rules import constrain
 
-LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "labels", "value")
+LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "layers", "labels",
+                      "value")
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -164,6 +170,32 @@ class MLP(nn.Module):
         return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj")(hidden)
 
 
+class SparseMoE(nn.Module):
+    """Top-k mixture of experts (Qwen3-MoE, Mixtral), dense dispatch (see :mod:`trl_jax.models.moe`): ``x [B, T, D]``
+    -> ``sum_e w_e * down_e(act(gate_e(x)) * up_e(x))`` with ``w`` the routing weights ``[B, T, E]``. The router
+    logits ``[B, T, E]`` are sown as ``intermediates/router_logits`` (for the load-balancing loss)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        E, F = c.num_experts, c.moe_intermediate_size
+        logits = _dense(E, ("embed", "expert"), use_bias=False, cfg=c, name="gate")(x)
+        self.sow("intermediates", "router_logits", logits)
+        w = router_weights(logits, c.num_experts_per_tok, normalize=c.norm_topk_prob)
+        g = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="gate_proj")(x)
+        u = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="up_proj")(x)
+        h = _act(c.hidden_act)(g) * u * w[..., None].astype(g.dtype)  # weighting before down_e is linear in h
+        return _dense(c.hidden_size, ("expert", "mlp", "embed"), use_bias=False, cfg=c, name="down_proj",
+                      axis=(-2, -1), bias_axes=("embed",))(h)
+
+
+def _mlp_cls(cfg: ModelConfig):
+    """The layer's feed-forward block: experts where the config has them, else the gated MLP."""
+    return SparseMoE if cfg.num_experts else MLP
+
+
 def _residual_blocks(cfg: ModelConfig, norm, x, attention, mlp):
     """The two residual blocks of a layer around ``attention(h)`` and ``mlp(h)`` (``norm(name)`` gives the named
     norm): pre-norm (Llama family, Phi-3), or Gemma's sandwich (a norm before and after each block, where
@@ -191,7 +223,7 @@ class DecoderLayer(nn.Module):
         attn = Attention(c, name="self_attn")
         x, new_kv = _residual_blocks(
             c, lambda name: _norm(c, name), x, lambda h: attn(h, cos, sin, mask, kv, cache_index, segment_ids),
-            MLP(c, name="mlp"))
+            _mlp_cls(c)(c, name="mlp"))
         return constrain(x, _EMBED), new_kv
 
 
@@ -222,7 +254,7 @@ class Decoder(nn.Module):
         if c.scan_layers:
             self.layers = nn.scan(
                 layer_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast,) * 7 + (0, 0),
                 length=c.num_hidden_layers,
@@ -342,7 +374,7 @@ def _decode_layer(cfg: ModelConfig, p, x, cos, sin, mask, k_all, v_all, layer, i
         return out, (k_new, v_new)
 
     x, (k_all, v_all) = _residual_blocks(c, lambda name: (lambda h: _norm(c).apply({"params": p[name]}, h)), x,
-                                         attention, lambda h: MLP(c).apply({"params": p["mlp"]}, h))
+                                         attention, lambda h: _mlp_cls(c)(c).apply({"params": p["mlp"]}, h))
     return x, k_all, v_all
 
 

@@ -80,30 +80,64 @@ def _rows(start, stop, then):  # HF [out, in]: rows [start, stop) of a fused pro
 
 
 def _projections(cfg: ModelConfig) -> list[tuple]:
-    """q/k/v and gate/up kernels: one HF tensor each, or (Phi-3, :data:`FUSED_PROJECTIONS`) slices of the fused
-    ``qkv_proj`` / ``gate_up_proj`` rows; :func:`save_pretrained` concatenates entries that share an HF name."""
+    """q/k/v and MLP kernels: one HF tensor each; (Phi-3, :data:`FUSED_PROJECTIONS`) slices of the fused
+    ``qkv_proj`` / ``gate_up_proj`` rows, which :func:`save_pretrained` concatenates again (entries sharing an HF
+    name); (Qwen3-MoE, Mixtral, :data:`EXPERT_NAMES`) the router and every expert's tensors stacked on an expert
+    axis (HF names with ``{j}``)."""
     N, K, Hd, F = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
     q, k, v = (("self_attn", n, "kernel") for n in ("q_proj", "k_proj", "v_proj"))
-    gate, up = ("mlp", "gate_proj", "kernel"), ("mlp", "up_proj", "kernel")
-    if cfg.model_type not in FUSED_PROJECTIONS:
+    gate, up, down = (("mlp", n, "kernel") for n in ("gate_proj", "up_proj", "down_proj"))
+    if cfg.model_type in FUSED_PROJECTIONS:
+        qkv, gate_up = FUSED_PROJECTIONS[cfg.model_type]
+        nq, nk = N * Hd, K * Hd
         return [
-            (q, "self_attn.q_proj.weight", _heads_in(N, Hd), _heads_in_inv),
-            (k, "self_attn.k_proj.weight", _heads_in(K, Hd), _heads_in_inv),
-            (v, "self_attn.v_proj.weight", _heads_in(K, Hd), _heads_in_inv),
-            (gate, "mlp.gate_proj.weight", _t, _t),
-            (up, "mlp.up_proj.weight", _t, _t),
+            (q, qkv, _rows(0, nq, _heads_in(N, Hd)), _heads_in_inv),
+            (k, qkv, _rows(nq, nq + nk, _heads_in(K, Hd)), _heads_in_inv),
+            (v, qkv, _rows(nq + nk, nq + 2 * nk, _heads_in(K, Hd)), _heads_in_inv),
+            (gate, gate_up, _rows(0, F, _t), _t),
+            (up, gate_up, _rows(F, 2 * F, _t), _t),
+            (down, "mlp.down_proj.weight", _t, _t),
         ]
-    qkv, gate_up = FUSED_PROJECTIONS[cfg.model_type]
-    nq, nk = N * Hd, K * Hd
-    return [
-        (q, qkv, _rows(0, nq, _heads_in(N, Hd)), _heads_in_inv),
-        (k, qkv, _rows(nq, nq + nk, _heads_in(K, Hd)), _heads_in_inv),
-        (v, qkv, _rows(nq + nk, nq + 2 * nk, _heads_in(K, Hd)), _heads_in_inv),
-        (gate, gate_up, _rows(0, F, _t), _t),
-        (up, gate_up, _rows(F, 2 * F, _t), _t),
+    attn = [
+        (q, "self_attn.q_proj.weight", _heads_in(N, Hd), _heads_in_inv),
+        (k, "self_attn.k_proj.weight", _heads_in(K, Hd), _heads_in_inv),
+        (v, "self_attn.v_proj.weight", _heads_in(K, Hd), _heads_in_inv),
+    ]
+    if cfg.num_experts:
+        router, g, u, d = EXPERT_NAMES[cfg.model_type]
+        return attn + [
+            (("mlp", "gate", "kernel"), router, _t, _t),
+            (gate, g, _experts_in, _experts_in_inv),
+            (up, u, _experts_in, _experts_in_inv),
+            (down, d, _experts_out, _experts_out),
+        ]
+    return attn + [
+        (gate, "mlp.gate_proj.weight", _t, _t),
+        (up, "mlp.up_proj.weight", _t, _t),
+        (down, "mlp.down_proj.weight", _t, _t),
     ]
 
 
+def _experts_in(w):  # HF experts stacked [E, F, D] <-> ours [D, E, F]
+    return w.transpose(2, 0, 1)
+
+
+def _experts_in_inv(w):
+    return w.transpose(1, 2, 0)
+
+
+def _experts_out(w):  # HF [E, D, F] <-> ours [E, F, D] (its own inverse)
+    return w.transpose(0, 2, 1)
+
+
+# model_type -> HF names of the router and of expert {j}'s gate, up and down projections (per-expert tensors, the
+# layout transformers' save_pretrained writes)
+EXPERT_NAMES = {
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{j}.gate_proj.weight", "mlp.experts.{j}.up_proj.weight",
+                  "mlp.experts.{j}.down_proj.weight"),
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{j}.w1.weight",
+                "block_sparse_moe.experts.{j}.w3.weight", "block_sparse_moe.experts.{j}.w2.weight"),
+}
 # model_type -> HF names of its fused (q, k, v) and (gate, up) projections, rows in that order
 FUSED_PROJECTIONS = {"phi3": ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")}
 # Gemma's two extra norms per layer (ModelConfig.sandwich_norms)
@@ -120,7 +154,6 @@ def param_entries(cfg: ModelConfig, *, value_head: bool = False) -> list[_Entry]
         (("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", _ident, _ident),
         *_projections(cfg),
         (("self_attn", "o_proj", "kernel"), "self_attn.o_proj.weight", _heads_out(N, Hd), _heads_out_inv),
-        (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", _t, _t),
     ]
     if cfg.sandwich_norms:
         lay += [((n, "scale"), f"{n}.weight", _ident, _ident) for n in _SANDWICH_NORMS]
@@ -149,6 +182,11 @@ def param_entries(cfg: ModelConfig, *, value_head: bool = False) -> list[_Entry]
         e.append(_Entry(("v_head", "summary", "kernel"), "v_head.summary.weight", _t, _t))
         e.append(_Entry(("v_head", "summary", "bias"), "v_head.summary.bias", _ident, _ident))
     return e
+
+
+def _hf_name(entry: _Entry, i: int) -> str:
+    """Layer ``i``'s HF name of ``entry`` (an expert template ``{j}`` left for the checkpoint reader)."""
+    return entry.hf.format(i=i, j="{j}")
 
 
 def _get(tree, path):
@@ -193,9 +231,14 @@ class _Checkpoint:
         self._files: dict[str, SafetensorsFile] = {}
 
     def __contains__(self, name):
-        return name in self.weight_map
+        return name.format(j=0) in self.weight_map if "{j}" in name else name in self.weight_map
 
     def __getitem__(self, name) -> np.ndarray:
+        if "{j}" in name:  # every expert's tensor, stacked [E, ...] (one layer of experts on the host)
+            experts = []
+            while name.format(j=len(experts)) in self.weight_map:
+                experts.append(self[name.format(j=len(experts))])
+            return np.stack(experts)
         f = self.weight_map[name]
         if f not in self._files:
             self._files[f] = SafetensorsFile(os.path.join(self.dir, f))
@@ -270,7 +313,7 @@ def from_pretrained(
         if entry.path[0] == "v_head" and entry.hf not in ckpt:
             missing_heads.append(entry)
             continue
-        names = [entry.hf.format(i=i) for i in range(cfg.num_hidden_layers)] if entry.stacked else [entry.hf]
+        names = [_hf_name(entry, i) for i in range(cfg.num_hidden_layers)] if entry.stacked else [entry.hf]
         absent = [n for n in names if n not in ckpt]
         if absent:
             hint = (" The config says tie_word_embeddings=False but the checkpoint has no lm_head.weight."
@@ -336,6 +379,14 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _split_experts(tensors: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """Expert-stacked tensors (names with ``{j}``, leading expert axis) -> one tensor per expert."""
+    out = []
+    for n, a in tensors:
+        out.extend([(n.format(j=j), a[j]) for j in range(a.shape[0])] if "{j}" in n else [(n, a)])
+    return out
+
+
 def _fuse_shared_names(tensors: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
     """Entries that share an HF name (slices of a fused projection) -> one tensor, their rows concatenated in entry
     order, at the first one's place."""
@@ -349,11 +400,18 @@ def _family_hf_kwargs(cfg: ModelConfig) -> dict:
     """The config fields of ``cfg``'s family beyond the shared ones (inverse of ``config._FAMILY_TRAITS``)."""
     mt = cfg.model_type
     kw: dict = {}
-    if mt in ("llama", "qwen3", "gemma2", "gemma3_text"):
+    if mt in ("llama", "qwen3", "gemma2", "gemma3_text", "qwen3_moe"):
         kw["attention_bias"] = cfg.qkv_bias
     if mt == "llama":
         kw["mlp_bias"] = cfg.mlp_bias
-    if mt in ("mistral", "phi3"):
+    if mt == "qwen3_moe":
+        kw.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                  moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                  router_aux_loss_coef=cfg.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[])
+    if mt == "mixtral":
+        kw.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                  router_aux_loss_coef=cfg.router_aux_loss_coef)
+    if mt in ("mistral", "phi3", "mixtral"):
         kw["sliding_window"] = (cfg.sliding_windows or (None,))[0]
     if mt in ("gemma2", "gemma3_text"):
         ws = cfg.sliding_windows or (None,) * cfg.num_hidden_layers
@@ -432,12 +490,12 @@ def save_pretrained(
         if entry.stacked and cfg.scan_layers:
             stacked = _to_host(_get(params, _param_path(entry, cfg)))
             for i in range(cfg.num_hidden_layers):
-                tensors.append((entry.hf.format(i=i), entry.to_hf(stacked[i])))
+                tensors.append((_hf_name(entry, i), entry.to_hf(stacked[i])))
         else:
             for i in range(cfg.num_hidden_layers if entry.stacked else 1):
                 arr = _to_host(_get(params, _param_path(entry, cfg, i)))
-                tensors.append((entry.hf.format(i=i), entry.to_hf(arr)))
-    tensors = _fuse_shared_names(tensors)
+                tensors.append((_hf_name(entry, i), entry.to_hf(arr)))
+    tensors = _split_experts(_fuse_shared_names(tensors))
     if dtype is not None:
         np_dtype = np.dtype(jnp.dtype(dtype))
         tensors = [(n, a.astype(np_dtype)) for n, a in tensors]

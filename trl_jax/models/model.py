@@ -116,6 +116,21 @@ class CausalLM:
         return self.logits_from_hidden(params, self.hidden_states(params, input_ids, positions, segment_ids,
                                                                   attention_mask))
 
+    def router_logits(self, params, input_ids, positions=None, segment_ids=None, attention_mask=None):
+        """Mixture-of-experts router logits of every layer ``[L, B, T, E]`` (compute dtype), for
+        :func:`trl_jax.models.moe.router_aux_loss` (transformers' ``output_router_logits``)."""
+        if not self.config.num_experts:
+            raise ValueError(f"{self.config.model_type} has no mixture-of-experts layers (no router logits).")
+        positions, seg = self._resolve(input_ids, positions, segment_ids, attention_mask)
+        slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+        _, state = self.module.apply({"params": params}, input_ids, positions, seg, seg, slots, slots,
+                                     mutable=["intermediates"])
+        inter = state["intermediates"]
+        if self.config.scan_layers:
+            return inter["layers"]["mlp"]["router_logits"][0]
+        return jnp.stack([inter[f"layers_{i}"]["mlp"]["router_logits"][0]
+                          for i in range(self.config.num_hidden_layers)])
+
     # ------------------------------------------------------------------ heads
     def sequence_scores(self, params, input_ids, positions=None, segment_ids=None, attention_mask=None,
                         pad_token_id=None):
