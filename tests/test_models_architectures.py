@@ -31,7 +31,8 @@ from trl_jax.assets import build_char_tokenizer
 from trl_jax.models import CausalLM, final_logit_softcapping, from_pretrained, save_pretrained
 
 ATOL = 1e-4
-NAMES = list(NEW_ARCHS)
+NAMES = ["gemma2", "gemma3_text", "phi3"]
+MOE = ["qwen3_moe", "mixtral"]
 _CACHE: dict = {}
 
 
@@ -177,7 +178,7 @@ def trainer_models(tmp_path_factory):
     """Each family with the built-in character tokenizer's vocabulary, saved with that tokenizer."""
     tok = build_char_tokenizer()
     out = {}
-    for name in NAMES:
+    for name in NAMES + MOE:
         tm = make_torch_model(name, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id, bos_token_id=None)
         d = tmp_path_factory.mktemp(f"{name}_chars")
@@ -193,7 +194,7 @@ def _digit_reward(completions, **kwargs):
     return [float(sum(ch.isdigit() for ch in completion_text(c))) for c in completions]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + MOE)
 def test_sft_and_grpo_train_end_to_end(name, trainer_models, tmp_path, trl_jax_cache):
     from trl_jax.configs import GRPOConfig, SFTConfig
     from trl_jax.data.builtin import load_builtin_dataset
@@ -207,14 +208,19 @@ def test_sft_and_grpo_train_end_to_end(name, trainer_models, tmp_path, trl_jax_c
                   gradient_checkpointing=False, disable_tqdm=True, report_to="none", learning_rate=3e-3)
     sft = SFTTrainer(path, args=SFTConfig(output_dir=str(tmp_path / "sft"), max_length=40, **common),
                      train_dataset=load_dataset_any("builtin:arithmetic_sft").select(range(24)))
-    # the trainer's loss (fused log-probs, soft-capped where the model is) on a batch = transformers' loss
+    # the trainer's loss (fused log-probs, soft-capped where the model is; plus coef * the load-balancing loss for
+    # mixtures of experts, TRL's default) on a batch = transformers' loss
     batch = sft._make_batch(take_rows(sft.train_dataset, [0, 1]), 2)
     terms = sft.loss_fn(sft.params, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    moe = {"output_router_logits": True} if name in MOE else {}
     with torch.no_grad():
         labels = torch.as_tensor(np.where(batch["attention_mask"] == 1, batch["labels"], -100), dtype=torch.long)
         ref = tm(input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
                  attention_mask=torch.as_tensor(batch["attention_mask"]),
-                 position_ids=torch.as_tensor(batch["position_ids"], dtype=torch.long), labels=labels).loss.item()
+                 position_ids=torch.as_tensor(batch["position_ids"], dtype=torch.long), labels=labels, **moe)
+    if moe:
+        assert float(terms.metrics["aux_loss"]) == pytest.approx(float(ref.aux_loss), abs=1e-5)
+    ref = ref.loss.item()
     assert float(terms.numerator / terms.denominator) == pytest.approx(ref, abs=1e-4)
     sft.train()
     losses = [r["loss"] for r in sft.log_history if "loss" in r]
@@ -272,7 +278,6 @@ def test_sharded_load_onto_8_device_mesh(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- mixtures of experts
-MOE = ["qwen3_moe", "mixtral"]
 
 
 @pytest.mark.parametrize("name", MOE)
