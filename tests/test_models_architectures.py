@@ -234,6 +234,9 @@ def test_sft_and_grpo_train_end_to_end(name, trainer_models, tmp_path, trl_jax_c
     grpo.train()
     logs = [r for r in grpo.log_history if "loss" in r]
     assert len(logs) == 2 and all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in logs)
+    if name in MOE:  # TRL's default for mixture-of-experts models: coef * load-balancing loss in the loss
+        assert all(np.isfinite(r["aux_loss"]) and r["aux_loss"] > 0 for r in logs)
+        assert all(np.isfinite(r["aux_loss"]) for r in sft.log_history if "loss" in r)
     after = jax.tree.leaves(jax.tree.map(np.asarray, grpo.state.params))
     assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(before), after))
 
