@@ -132,7 +132,7 @@ ModelPathError = _model_path_error_class()
 
 def _expected() -> str:
     return ("expected a local Hugging Face model directory (config.json + *.safetensors, e.g. the output_dir of an "
-            "earlier trl-jax run), a Hugging Face Hub id such as 'Qwen/Qwen3-0.6B', or a built-in model ("
+            "earlier trl-jax run), a PEFT adapter directory (adapter_config.json), a Hugging Face Hub id such as 'Qwen/Qwen3-0.6B', or a built-in model ("
             + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS) + ")")
 
 
@@ -145,7 +145,8 @@ def check_model_path(model_id, what: str = "model_name_or_path") -> None:
     text = os.fspath(model_id)
     path = os.path.expanduser(text)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        if not os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+                os.path.join(path, "adapter_config.json")):  # a PEFT adapter directory names its base model
             raise ModelPathError(f"{what} {text!r} is a directory without config.json; {_expected()}.")
         return
     if os.path.exists(path):

@@ -150,6 +150,7 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         args.attn_implementation = run.model_args.attn_implementation  # TRL's ModelConfig field: the kernel
     train, eval_ds = _datasets(run, split_names=command == "sft")
     model = _model_id(run)
+    peft_config = configs.get_peft_config(run.model_args)  # use_peft + lora_* (TRL's ModelConfig)
     if command in ("grpo", "online-dpo"):
         from trl_jax.rewards import resolve_reward_funcs
 
@@ -161,10 +162,11 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
             raise UsageError(f"{command}: set `reward_funcs` (built-in names such as accuracy_reward, or "
                              "dotted import paths) and/or `reward_model_name_or_path` in the config.")
         trainer_cls = T.GRPOTrainer if command == "grpo" else T.OnlineDPOTrainer
-        trainer = trainer_cls(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds)
+        trainer = trainer_cls(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds,
+                              peft_config=peft_config)
     else:
         trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[command]
-        trainer = trainer_cls(model, args=args, train_dataset=train, eval_dataset=eval_ds)
+        trainer = trainer_cls(model, args=args, train_dataset=train, eval_dataset=eval_ds, peft_config=peft_config)
     result = {}
     if command == "sft" and trainer.eval_dataset is not None:
         result["exact_match_before"] = trainer.completion_exact_match()

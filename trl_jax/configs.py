@@ -94,7 +94,6 @@ TORCH_ONLY_FIELDS: frozenset[str] = frozenset(
     }
 )
 
-_PEFT = "LoRA/PEFT is not implemented in trl_jax yet: leave it unset to train the full model"
 _QUANT = ("quantized (bitsandbytes) loading is not implemented yet: leave it unset; `param_dtype: bfloat16` halves "
           "the memory of the weights")
 _HUB = ("pushing to the Hub is not implemented: `save_model()` writes a Hugging Face directory, upload it with "
@@ -105,9 +104,6 @@ _METRICS = "compute_metrics is not supported: evaluation reports the loss and th
 # Fields that would change the experiment but are not implemented yet: an error at construction when set to a
 # non-default value (so that a user who asked for LoRA does not silently get a full fine-tune), with what to do.
 NOT_SUPPORTED_FIELDS: dict[str, str] = {
-    **{name: _PEFT for name in ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                                "lora_target_parameters", "lora_modules_to_save", "lora_task_type", "use_rslora",
-                                "use_dora")},
     **{name: _QUANT for name in ("load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
                                  "bnb_4bit_quant_storage")},
     **{name: _HUB for name in ("push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
@@ -154,6 +150,7 @@ JAX_FIELDS: tuple[str, ...] = (
     "overwrite_output_dir",
     "max_consecutive_nonfinite_updates",
     "attn_implementation",
+    "save_merged_model",
 )
 
 # Fields that trl_jax adds to the configs of the trainers that generate (GRPOConfig, OnlineDPOConfig) only.
@@ -360,6 +357,8 @@ class TrainingArgumentsJax(_ConfigMixin):
         max_consecutive_nonfinite_updates (`int`, defaults to `3`): a step whose loss or gradient is NaN/Inf is
             skipped (counted in the logged `skipped_updates`); after this many in a row the run stops with the
             last good state checkpointed. `0` never stops.
+        save_merged_model (`bool`, defaults to `False`): with LoRA, `save_model()` writes the full model with the
+            adapters merged into the weights (an HF checkpoint) instead of PEFT's adapter directory.
     """
 
     output_dir: str | None = None
@@ -491,6 +490,7 @@ class TrainingArgumentsJax(_ConfigMixin):
     # attention kernel: auto (splash on TPU, cuDNN on GPU, XLA on CPU) / xla / cudnn / splash; transformers' names
     # map (eager/sdpa -> xla, flash_attention_2/3 -> auto); `model_init_kwargs["attn_implementation"]` sets it too
     attn_implementation: str | None = None
+    save_merged_model: bool = False
 
     def __post_init__(self):
         self._refuse_not_supported()
@@ -1041,9 +1041,10 @@ class OnlineDPOConfig(BaseConfig):
 
 @dataclass
 class ModelConfig(_ConfigMixin):
-    """Field names and defaults of `trl.ModelConfig`. PEFT/quantization fields are refused when set
-    (`NOT_SUPPORTED_FIELDS`); `attn_implementation` picks the attention kernel (auto / xla / cudnn / splash;
-    transformers' names map) and is passed on to the trainer config by the CLI."""
+    """Field names and defaults of `trl.ModelConfig`. `use_peft` + `lora_*` give the trainers a LoRA config
+    (:func:`get_peft_config`, as TRL's); quantized loading is refused when set (`NOT_SUPPORTED_FIELDS`);
+    `attn_implementation` picks the attention kernel (auto / xla / cudnn / splash; transformers' names map) and is
+    passed on to the trainer config by the CLI."""
 
     model_name_or_path: str | None = None
     model_revision: str = "main"
@@ -1069,6 +1070,32 @@ class ModelConfig(_ConfigMixin):
         self._refuse_not_supported()
         self._warn_torch_only()
         self.attn_implementation = _resolve_attn_implementation(self.attn_implementation)
+        if not self.use_peft:
+            defaults = dict(self._field_defaults())
+            lora_set = [n for n in _LORA_FIELDS if getattr(self, n) != defaults[n]]
+            if lora_set:
+                raise ValueError(f"{', '.join(lora_set)} set without `use_peft: true`: they would be ignored and the "
+                                 "whole model trained; set `use_peft: true` (LoRA) or remove them.")
+        if self.lora_task_type not in ("CAUSAL_LM", "SEQ_CLS"):
+            raise ValueError(f"lora_task_type {self.lora_task_type!r}: choose CAUSAL_LM or SEQ_CLS.")
+
+
+_LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+                "lora_modules_to_save", "use_rslora", "use_dora")
+
+
+def get_peft_config(model_args: ModelConfig):
+    """TRL's ``get_peft_config``: a LoRA config from `use_peft` and the `lora_*` fields (``None`` without
+    `use_peft`), as a :class:`trl_jax.models.lora.LoraConfig` (``peft.LoraConfig``'s fields)."""
+    if not model_args.use_peft:
+        return None
+    from trl_jax.models.lora import LoraConfig
+
+    return LoraConfig(task_type=model_args.lora_task_type, r=model_args.lora_r,
+                      target_modules=model_args.lora_target_modules, target_parameters=model_args.lora_target_parameters,
+                      lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, bias="none",
+                      use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
+                      modules_to_save=model_args.lora_modules_to_save)
 
 
 @dataclass

@@ -127,6 +127,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    lora: Any = None  # trl_jax.models.lora.LoraSpec: LoRA adapters on the projections it targets
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -143,6 +144,10 @@ class ModelConfig:
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
                              f"({self.num_experts}).")
+        if self.lora is not None and self.scan_layers and not self.lora.uniform:
+            raise ValueError(
+                "These LoRA targets differ between layers (layers_to_transform, or a target_modules regex naming "
+                "layers); scanned layers share one layout: set `scan_layers: false`.")
         if self.sliding_windows is not None and len(self.sliding_windows) != self.num_hidden_layers:
             raise ValueError("sliding_windows must give one entry (int or None) per layer.")
 

@@ -43,12 +43,13 @@ import jax.numpy as jnp
 
 from trl_jax.models.attention import attend, build_mask, static_window, window_mask
 from trl_jax.models.config import NO_WINDOW, ModelConfig
+from trl_jax.models.lora import LoraDenseGeneral
 from trl_jax.models.moe import router_weights
 from trl_jax.models.rope import apply_rope, layer_cos_sin, rope_cos_sin
 from trl_jax.parallel.rules import constrain
 
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "layers", "labels",
-                      "value")
+                      "value", "lora_rank")
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -113,8 +114,10 @@ def _embed_scale(cfg: ModelConfig, x):
     return x * jnp.asarray(cfg.embedding_multiplier, x.dtype)
 
 
-def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None):
-    return nn.DenseGeneral(
+def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, layer=None):
+    """A projection (``nn.DenseGeneral`` numerics) that carries LoRA adapters when ``cfg.lora`` targets ``name`` in
+    ``layer`` (``None``: scanned layers) and applies them whenever its params hold them (trl_jax.models.lora)."""
+    return LoraDenseGeneral(
         features=features,
         axis=axis,
         use_bias=use_bias,
@@ -123,19 +126,24 @@ def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None):
         kernel_init=_p(_init, axes),
         bias_init=_p(nn.initializers.zeros, bias_axes or axes[-(len(features) if isinstance(features, tuple) else 1):]),
         name=name,
+        lora=cfg.lora,
+        lora_init=cfg.lora is not None and cfg.lora.adapts(name, layer),
+        kernel_axes=tuple(axes),
     )
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    layer: int | None = None  # this layer's index when layers are unrolled (LoRA targets may differ per layer)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv, cache_index, segment_ids=None):
         c = self.cfg
         N, K, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-        q = _dense((N, Hd), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="q_proj")(x)
-        k = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="k_proj")(x)
-        v = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="v_proj")(x)
+        li = self.layer
+        q = _dense((N, Hd), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="q_proj", layer=li)(x)
+        k = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="k_proj", layer=li)(x)
+        v = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="v_proj", layer=li)(x)
         if c.qk_norm:
             q = _norm(c, "q_norm", "head_dim")(q)
             k = _norm(c, "k_norm", "head_dim")(k)
@@ -154,20 +162,21 @@ class Attention(nn.Module):
         out = attend(q, k, v, mask, scale=c.attention_scale, impl=c.attention_impl, segment_ids=seg,
                      window=static_window(c.sliding_windows), softcap=c.attn_logit_softcapping)
         out = _dense(D, ("heads", "head_dim", "embed"), use_bias=c.o_bias, cfg=c, name="o_proj", axis=(-2, -1),
-                     bias_axes=("embed",))(out)
+                     bias_axes=("embed",), layer=li)(out)
         return out, new_kv
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
+    layer: int | None = None
 
     @nn.compact
     def __call__(self, x):
-        c = self.cfg
-        g = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="gate_proj")(x)
-        u = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="up_proj")(x)
+        c, li = self.cfg, self.layer
+        g = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="gate_proj", layer=li)(x)
+        u = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="up_proj", layer=li)(x)
         hidden = constrain(_act(c.hidden_act)(g) * u, _MLP)
-        return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj")(hidden)
+        return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj", layer=li)(hidden)
 
 
 class SparseMoE(nn.Module):
@@ -176,19 +185,20 @@ class SparseMoE(nn.Module):
     logits ``[B, T, E]`` are sown as ``intermediates/router_logits`` (for the load-balancing loss)."""
 
     cfg: ModelConfig
+    layer: int | None = None  # set when layers are unrolled
 
     @nn.compact
     def __call__(self, x):
-        c = self.cfg
+        c, li = self.cfg, self.layer
         E, F = c.num_experts, c.moe_intermediate_size
-        logits = _dense(E, ("embed", "expert"), use_bias=False, cfg=c, name="gate")(x)
+        logits = _dense(E, ("embed", "expert"), use_bias=False, cfg=c, name="gate", layer=li)(x)
         self.sow("intermediates", "router_logits", logits)
         w = router_weights(logits, c.num_experts_per_tok, normalize=c.norm_topk_prob)
-        g = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="gate_proj")(x)
-        u = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="up_proj")(x)
+        g = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="gate_proj", layer=li)(x)
+        u = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="up_proj", layer=li)(x)
         h = _act(c.hidden_act)(g) * u * w[..., None].astype(g.dtype)  # weighting before down_e is linear in h
         return _dense(c.hidden_size, ("expert", "mlp", "embed"), use_bias=False, cfg=c, name="down_proj",
-                      axis=(-2, -1), bias_axes=("embed",))(h)
+                      axis=(-2, -1), bias_axes=("embed",), layer=li)(h)
 
 
 def _mlp_cls(cfg: ModelConfig):
@@ -213,6 +223,7 @@ class DecoderLayer(nn.Module):
     """One block. ``x [B, T, D]``; ``window`` None or a scalar; ``kv`` None or ``(k, v) [B, S, K, Hd]``."""
 
     cfg: ModelConfig
+    layer: int | None = None  # set when layers are unrolled
 
     @nn.compact
     def __call__(self, x, cos, sin, base_mask, segment_ids, q_slots, kv_slots, cache_index, window, kv):
@@ -220,10 +231,10 @@ class DecoderLayer(nn.Module):
         mask = base_mask if window is None else base_mask & window_mask(q_slots, kv_slots, window)
         cos, sin = layer_cos_sin(cos, sin, window, NO_WINDOW)
         x = constrain(x, _EMBED)  # block boundary: batch over (data, fsdp), the model dimension whole
-        attn = Attention(c, name="self_attn")
+        attn = Attention(c, self.layer, name="self_attn")
         x, new_kv = _residual_blocks(
             c, lambda name: _norm(c, name), x, lambda h: attn(h, cos, sin, mask, kv, cache_index, segment_ids),
-            _mlp_cls(c)(c, name="mlp"))
+            _mlp_cls(c)(c, self.layer, name="mlp"))
         return constrain(x, _EMBED), new_kv
 
 
@@ -255,13 +266,13 @@ class Decoder(nn.Module):
             self.layers = nn.scan(
                 layer_cls,
                 variable_axes={"params": 0, "intermediates": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * 7 + (0, 0),
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c)
         else:
-            self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+            self.layers = [layer_cls(c, i, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = _norm(c)
         if c.has_lm_head and not c.tie_word_embeddings:
             self.lm_head = nn.DenseGeneral(

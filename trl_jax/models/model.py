@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from trl_jax.models.attention import segment_ids_from_attention_mask, segment_ids_from_positions
 from trl_jax.models.config import ModelConfig
 from trl_jax.models.decoder import Decoder, decode_forward, init_decode_cache
+from trl_jax.models.lora import current_dropout_rng
 
 Params = Any
 
@@ -91,7 +92,9 @@ class CausalLM:
         """Final-norm hidden states ``[B, T, D]`` in the compute dtype."""
         positions, seg = self._resolve(input_ids, positions, segment_ids, attention_mask)
         slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
-        h, _ = self.module.apply({"params": params}, input_ids, positions, seg, seg, slots, slots)
+        rng = current_dropout_rng() if self.config.lora is not None else None
+        rngs = None if rng is None else {"dropout": rng}
+        h, _ = self.module.apply({"params": params}, input_ids, positions, seg, seg, slots, slots, rngs=rngs)
         return h
 
     def lm_head_weight(self, params) -> jnp.ndarray:
@@ -125,8 +128,10 @@ class CausalLM:
             raise ValueError(f"{self.config.model_type} has no mixture-of-experts layers (no router logits).")
         positions, seg = self._resolve(input_ids, positions, segment_ids, attention_mask)
         slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+        rng = current_dropout_rng() if self.config.lora is not None else None
+        rngs = None if rng is None else {"dropout": rng}
         (h, _), state = self.module.apply({"params": params}, input_ids, positions, seg, seg, slots, slots,
-                                          mutable=["intermediates"])
+                                          rngs=rngs, mutable=["intermediates"])
         inter = state["intermediates"]
         if self.config.scan_layers:
             return h, inter["layers"]["mlp"]["router_logits"][0]

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from trl_jax.parallel.rules import DEFAULT_RULES, logical_to_shardings
 from trl_jax.parallel.sharding import as_named, replicated
+from trl_jax.utils.trees import partition
 
 
 @flax.struct.dataclass
@@ -39,6 +40,7 @@ class TrainState:
         logical_axes=None,
         rules=DEFAULT_RULES,
         donate: bool = False,
+        trainable=None,
     ) -> "TrainState":
         """A fresh state (step 0, ``optimizer.init(params)``).
 
@@ -49,13 +51,18 @@ class TrainState:
         ``donate=True`` hands ``params`` and ``ref_params`` over to the state (their buffers are reused where the
         layout allows, so start-up holds params + optimizer state + reference and no identity copy); the caller
         must not use the arrays it passed in afterwards.
+
+        ``trainable``: ``pred(key_path_names) -> bool`` selecting the leaves the optimizer updates (LoRA adapters);
+        the optimizer state then covers those leaves only, the rest of ``params`` stays frozen.
         """
         rng = jax.random.PRNGKey(0) if rng is None else rng
         if jnp.issubdtype(jnp.result_type(rng), jax.dtypes.prng_key):
             rng = jax.random.key_data(rng)
 
         def build(p, r, rp):
-            return cls(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p), rng=r, ref_params=rp)
+            opt_params = p if trainable is None else partition(p, trainable)[0]
+            return cls(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(opt_params), rng=r,
+                       ref_params=rp)
 
         donated = (0, 2) if donate else ()
         if mesh is None:

@@ -11,6 +11,7 @@ larger, whatever the number of counted tokens in each micro-batch. ``denominator
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import jax
@@ -25,6 +26,7 @@ from trl_jax.parallel.rules import DEFAULT_RULES, activation_sharding, logical_t
 from trl_jax.parallel.sharding import as_named, batch_shardings, replicated
 from trl_jax.train.precision import cast_floating
 from trl_jax.train.state import TrainState, shardings_of, train_state_shardings
+from trl_jax.utils.trees import combine, partition
 
 Metrics = dict
 
@@ -49,12 +51,24 @@ def _safe(den):
 class _Core:
     """The math shared by the jit and pmap steps."""
 
-    def __init__(self, loss_fn, optimizer, k, max_grad_norm, learning_rate_fn, compute_dtype, micro_constraint=None):
+    def __init__(self, loss_fn, optimizer, k, max_grad_norm, learning_rate_fn, compute_dtype, micro_constraint=None,
+                 trainable=None, training_context=None):
         if int(k) < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {k}.")
         self.loss_fn, self.optimizer, self.k = loss_fn, optimizer, int(k)
         self.max_grad_norm, self.lr_fn, self.compute_dtype = max_grad_norm, learning_rate_fn, compute_dtype
         self.micro_constraint = micro_constraint
+        self.trainable = trainable  # pred(key path names) -> bool; None: every leaf trains
+        self.training_context = training_context  # rng -> context manager entered around training forwards
+
+    def split_trainable(self, params):
+        """``(trained, frozen)`` parts of ``params`` (``frozen`` empty without a ``trainable`` predicate)."""
+        if self.trainable is None:
+            return params, {}
+        return partition(params, self.trainable)
+
+    def join(self, trained, frozen):
+        return trained if self.trainable is None else combine(trained, frozen)
 
     def call_loss(self, params, batch, rng, ref_params):
         if self.compute_dtype is not None:
@@ -90,17 +104,21 @@ class _Core:
         return jax.tree.map(one, batch)
 
     def accumulate(self, params, batch, rng, ref_params):
-        """``(sum numerator, sum denominator, sum d numerator / d params [fp32], mean metrics)``."""
+        """``(sum numerator, sum denominator, sum d numerator / d trained params [fp32], mean metrics)``; the
+        gradient covers the trained part of ``params`` only (all of it without a ``trainable`` predicate)."""
+        trained, frozen = self.split_trainable(params)
 
         def micro(mb, r):
             def f(p):
-                t = self.call_loss(p, mb, r, ref_params)
+                ctx = self.training_context(r) if self.training_context is not None else contextlib.nullcontext()
+                with ctx:
+                    t = self.call_loss(self.join(p, frozen), mb, r, ref_params)
                 return jnp.asarray(t.numerator, jnp.float32), (
                     jax.lax.stop_gradient(jnp.asarray(t.denominator, jnp.float32)),
                     t.metrics,
                 )
 
-            (num, (den, metrics)), g = jax.value_and_grad(f, has_aux=True)(params)
+            (num, (den, metrics)), g = jax.value_and_grad(f, has_aux=True)(trained)
             return num, den, cast_floating(g, jnp.float32), metrics
 
         if self.k == 1:
@@ -112,7 +130,7 @@ class _Core:
             cn, cd, cg = carry
             return (cn + num, cd + den, jax.tree.map(jnp.add, cg, g)), metrics
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
         (num, den, g), metrics = jax.lax.scan(body, init, (self.split(batch), jnp.arange(self.k)))
         # nan-mean: a metric a micro-batch could not measure (e.g. KTO's rewards/rejected without undesirable
@@ -125,14 +143,15 @@ class _Core:
             grads, grad_norm = clip_by_global_norm_torch(grads, float(self.max_grad_norm))
         else:
             grad_norm = global_norm(grads)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        trained, frozen = self.split_trainable(state.params)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trained)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, trained)
+        params = optax.apply_updates(trained, updates)
         # A non-finite loss or gradient never reaches the weights: the update is skipped (params and optimizer
         # state kept), the step counter still advances and the NaN/Inf is reported in the metrics, so the caller
         # can stop with the last good state intact.
         finite = jnp.isfinite(num) & jnp.isfinite(grad_norm)
-        params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state.params)
+        params = self.join(jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, trained), frozen)
         opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state, state.opt_state)
         out = {"loss": num / _safe(den), "grad_norm": grad_norm}
         if self.lr_fn is not None:
@@ -247,6 +266,8 @@ def make_train_step(
     learning_rate_fn: Callable | None = None,
     compute_dtype=None,
     donate: bool = True,
+    trainable=None,
+    training_context=None,
 ) -> TrainStep:
     """Build a jitted ``step(state, batch) -> (new_state, metrics)``.
 
@@ -261,6 +282,11 @@ def make_train_step(
     - ``learning_rate_fn``: the optimizer's schedule, to log ``learning_rate`` (the lr of this update).
     - ``compute_dtype``: e.g. ``jnp.bfloat16`` -- loss computed on a cast copy of the params (see precision).
     - ``donate``: donate the input state's buffers (the caller must not reuse the state it passed in).
+    - ``trainable``: ``pred(key path names) -> bool``: only those leaves are differentiated and updated (the
+      state's optimizer state must cover exactly them: ``TrainState.create(..., trainable=pred)``); the others
+      are frozen (LoRA: the base weights). ``grad_norm`` and clipping cover the trained leaves, like torch's.
+    - ``training_context``: ``rng -> context manager`` entered around each micro-batch's forward/backward (LoRA
+      dropout: :func:`trl_jax.models.lora.dropout_rng`).
 
     Metrics: ``loss`` (= sum numerators / sum denominators), ``grad_norm``, ``learning_rate`` and the loss's own
     metrics averaged over micro-batches; all fp32 scalars, replicated.
@@ -275,7 +301,8 @@ def make_train_step(
             return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
 
     core = _Core(
-        loss_fn, optimizer, gradient_accumulation_steps, max_grad_norm, learning_rate_fn, compute_dtype, constraint
+        loss_fn, optimizer, gradient_accumulation_steps, max_grad_norm, learning_rate_fn, compute_dtype, constraint,
+        trainable=trainable, training_context=training_context,
     )
     logical = None if logical_axes is None else (logical_axes, rules)
     return TrainStep(core, mesh, state_shardings, param_shardings, batch_sharding, donate, logical)
@@ -364,12 +391,15 @@ def make_pmap_train_step(
     learning_rate_fn: Callable | None = None,
     compute_dtype=None,
     donate: bool = True,
+    trainable=None,
+    training_context=None,
 ) -> PmapTrainStep:
     """Plain data parallelism with ``jax.pmap``: every device holds the full state, computes numerator,
     denominator and numerator-gradients on its rows (accumulating ``k`` micro-batches), then ``lax.psum``s them,
     so the update equals the single-device one. Metrics other than ``loss``/``grad_norm``/``learning_rate`` are
     ``pmean`` of per-device values. Random draws differ from :func:`make_train_step` (per-device fold-in)."""
-    core = _Core(loss_fn, optimizer, gradient_accumulation_steps, max_grad_norm, learning_rate_fn, compute_dtype)
+    core = _Core(loss_fn, optimizer, gradient_accumulation_steps, max_grad_norm, learning_rate_fn, compute_dtype,
+                 trainable=trainable, training_context=training_context)
     return PmapTrainStep(core, axis_name, devices, donate)
 
 

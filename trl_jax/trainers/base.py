@@ -35,6 +35,7 @@ from trl_jax.train.checkpoint import (CheckpointSaveError, NoCheckpointError, Ou
                                       is_url)
 from trl_jax.trainers.callbacks import CallbackHandler, TrainerControl, TrainerState
 from trl_jax.trainers.logging import MetricsLogger
+from trl_jax.trainers.peft import PeftMixin
 
 def take_rows(dataset, indices) -> list[dict]:
     """``dataset[indices]`` as a list of row dicts, read in one batched (Arrow) access instead of one per row."""
@@ -105,7 +106,7 @@ def _dtype(name):
     return _DTYPES[name] if isinstance(name, str) else name
 
 
-class BaseTrainer(abc.ABC):
+class BaseTrainer(PeftMixin, abc.ABC):
     """Shared loop; see the module docstring. Subclasses set ``_tag`` and ``config_class`` and implement the hooks."""
 
     _tag = "base"
@@ -115,7 +116,7 @@ class BaseTrainer(abc.ABC):
     _pad_last_batch = True
 
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
-                 callbacks=None, ref_model=None, data_collator=None):
+                 callbacks=None, ref_model=None, data_collator=None, peft_config=None):
         if args is None:
             name = model if isinstance(model, str) else "model"
             args = self.config_class(output_dir=f"{os.path.basename(str(name).rstrip('/'))}-{self._tag.upper()}")
@@ -125,6 +126,7 @@ class BaseTrainer(abc.ABC):
                                           save_steps=args.save_steps, is_world_process_zero=is_main_process())
         self.mesh = _make_mesh(args)
         self.model, self.params, model_path = self._load_model(model)
+        self.model, self.params, model_path = self._setup_peft(self.model, self.params, model_path, peft_config)
         self.processing_class = self._load_tokenizer(processing_class, model_path)
         self.ref_model_params = self._resolve_ref_model(ref_model)
         self.train_dataset = self._checked(train_dataset, "train")
@@ -144,6 +146,16 @@ class BaseTrainer(abc.ABC):
         args = self.args
         if isinstance(model, (str, os.PathLike)):
             model = resolve_model_path(os.fspath(model))
+            from trl_jax.models.peft_io import is_adapter_dir, read_adapter_config
+
+            if is_adapter_dir(model):  # a PEFT adapter: load its base, the adapters go on in _setup_peft
+                self._adapter_dir = os.fspath(model)
+                base = read_adapter_config(model).get("base_model_name_or_path")
+                if not base:
+                    raise ValueError(f"{model} is a PEFT adapter directory without base_model_name_or_path in "
+                                     "adapter_config.json; set it to the base model's directory or hub id.")
+                model = resolve_model_path(base)
+            self._base_model_path = os.fspath(model)
             init_kwargs = getattr(args, "model_init_kwargs", None)
             if isinstance(init_kwargs, dict) and init_kwargs.get("dtype") in _DTYPES:
                 args.param_dtype = init_kwargs["dtype"]  # TRL: the dtype the weights are loaded in
@@ -350,7 +362,7 @@ class BaseTrainer(abc.ABC):
         owned = getattr(self, "_owns_params", False) and (ref is None or not getattr(self, "_ref_from_caller", False))
         self.state = TrainState.create(
             self.params, self.optimizer, rng, ref,
-            mesh=self.mesh, logical_axes=self.model.logical_axes(), donate=owned,
+            mesh=self.mesh, logical_axes=self.model.logical_axes(), donate=owned, trainable=self._trainable_pred(),
         )
         self.params = None  # owned by the state from now on (donated every step)
         if owned and ref is not None:
@@ -364,6 +376,7 @@ class BaseTrainer(abc.ABC):
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
             learning_rate_fn=self.lr_schedule, compute_dtype=compute,
+            trainable=self._trainable_pred(), training_context=self._training_context(),
         )
         self._eval_step = make_eval_step(self.loss_fn, mesh=self.mesh, compute_dtype=compute)
 
@@ -670,22 +683,24 @@ class BaseTrainer(abc.ABC):
     def trained_params(self):
         return self.state.params if self.state is not None else self.params
 
-    def save_model(self, output_dir: str | None = None) -> str:
-        """Write HF-format safetensors + config (+ tokenizer), loadable by transformers and trl_jax.
+    def save_model(self, output_dir: str | None = None, merged: bool | None = None) -> str:
+        """Write HF-format safetensors + config (+ tokenizer), loadable by transformers and trl_jax; with LoRA,
+        PEFT's adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``, loadable by
+        ``peft.PeftModel.from_pretrained``), or the merged full model with ``merged=True`` (default:
+        ``args.save_merged_model``).
 
         Several processes: every process must call it (the params are gathered to host, a collective); process 0
         writes. ``output_dir`` may be a URL (``gs://``, ``s3://``, any epath/fsspec filesystem): the directory is
         written locally, then copied there."""
-        from trl_jax.models import save_pretrained
-
         output_dir = output_dir or self.args.output_dir
+        merged = bool(getattr(self.args, "save_merged_model", False)) if merged is None else merged
         params = gather_to_host(self.trained_params) if is_multiprocess() else self.trained_params
         if is_main_process():
             if is_url(output_dir):
                 import tempfile
 
                 with tempfile.TemporaryDirectory() as tmp:
-                    save_pretrained(self.model, params, tmp, tokenizer=self.processing_class)
+                    self._save_adapter_or_model(params, tmp, merged)
                     dest = as_path(output_dir)
                     dest.mkdir(parents=True, exist_ok=True)
                     for p in dest.iterdir():  # stale weights of an earlier save would be picked up on load
@@ -694,6 +709,6 @@ class BaseTrainer(abc.ABC):
                     for name in sorted(os.listdir(tmp)):
                         (dest / name).write_bytes(as_path(os.path.join(tmp, name)).read_bytes())
             else:
-                save_pretrained(self.model, params, os.fspath(as_path(output_dir)), tokenizer=self.processing_class)
+                self._save_adapter_or_model(params, os.fspath(as_path(output_dir)), merged)
         sync_processes("trl_jax:save_model")
         return output_dir

@@ -72,9 +72,9 @@ class DPOTrainer(ReferenceModelMixin, BaseTrainer):
                  optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None, peft_config=None):
         reject_unsupported("DPOTrainer", compute_metrics=compute_metrics, optimizers=optimizers,
                            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-                           preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config)
+                           preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, ref_model=ref_model,
-                         data_collator=data_collator)
+                         data_collator=data_collator, peft_config=peft_config)
         if self.args.precompute_ref_log_probs:
             self._precompute_ref_log_probs()
 
@@ -134,6 +134,7 @@ class DPOTrainer(ReferenceModelMixin, BaseTrainer):
         if "ref_chosen_logps" in batch:
             ref_kw = dict(ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"])
         else:
+            ref_params = self._reference(params, ref_params)  # LoRA without ref_model: the base
             if ref_params is None:
                 raise ValueError("DPO needs a reference: ref_params in the train state or precomputed ref log-probs.")
             ref_lp = reference_value(

@@ -170,12 +170,12 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
                  optimizers=None, quantization_config=None, peft_config=None, tools=None, rollout_func=None,
                  environment_factory=None):
         reject_unsupported("GRPOTrainer", optimizers=optimizers, quantization_config=quantization_config,
-                           peft_config=peft_config, tools=tools, rollout_func=rollout_func,
+                           tools=tools, rollout_func=rollout_func,
                            environment_factory=environment_factory)
         if args is not None:
             self._check_args(args)
         self._prompt_len = {}
-        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks)
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, peft_config=peft_config)
         self._check_args(self.args)
         self._setup_rewards(reward_funcs, reward_processing_classes)
         tok = self.processing_class
@@ -714,6 +714,7 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
             logps, ent = self._token_logps(params, batch, entropy=True)
         ref = None
         if args.beta != 0.0:
+            ref_params = self._reference(params, ref_params)  # LoRA without ref_model: the base
             if ref_params is None:
                 raise ValueError("beta != 0 needs the reference model params in the train state.")
             ref = reference_value(logps, lambda rp: self._token_logps(rp, batch), params, ref_params)

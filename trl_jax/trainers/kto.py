@@ -48,9 +48,9 @@ class KTOTrainer(ReferenceModelMixin, BaseTrainer):
                  optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None, peft_config=None):
         reject_unsupported("KTOTrainer", compute_metrics=compute_metrics, optimizers=optimizers,
                            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-                           preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config)
+                           preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, ref_model=ref_model,
-                         data_collator=data_collator)
+                         data_collator=data_collator, peft_config=peft_config)
         self._warn_unbalanced()
         if self.args.precompute_ref_log_probs:
             self._precompute_ref_log_probs()
@@ -128,6 +128,7 @@ class KTOTrainer(ReferenceModelMixin, BaseTrainer):
             if self._uses_kl:
                 kl_kwargs["ref_KL_logps"] = batch["ref_KL_logps"]
         else:
+            ref_params = self._reference(params, ref_params)  # LoRA without ref_model: the base
             if ref_params is None:
                 raise ValueError("KTO needs a reference: ref_params in the train state or precomputed ref log-probs.")
             ref_logps = reference_value(

@@ -114,7 +114,7 @@ class OnlineDPOTrainer(BaseTrainer):
                  optimizers=None, preprocess_logits_for_metrics=None, *, judge=None):
         if optimizers is not None and all(o is None for o in optimizers):
             optimizers = None  # TRL's default `(None, None)`
-        reject_unsupported("OnlineDPOTrainer", data_collator=data_collator, peft_config=peft_config,
+        reject_unsupported("OnlineDPOTrainer", data_collator=data_collator,
                            compute_metrics=compute_metrics, optimizers=optimizers,
                            preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         if train_dataset is None:
@@ -130,7 +130,8 @@ class OnlineDPOTrainer(BaseTrainer):
         if args is not None:
             self._check_args(args)
         self._prompt_len: dict[str, int] = {}
-        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, ref_model=ref_model)
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, ref_model=ref_model,
+                         peft_config=peft_config)
         self._check_args(self.args)
         self.judge = judge
         if judge is not None and not (callable(getattr(judge, "judge", None)) or callable(judge)):
@@ -396,6 +397,7 @@ class OnlineDPOTrainer(BaseTrainer):
 
     def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
         """TRL's online DPO loss of one micro-batch of pairs (mean over its pairs) and TRL's ``stats``."""
+        ref_params = self._reference(params, ref_params)  # LoRA without ref_model: the base
         if ref_params is None:
             raise ValueError("Online DPO needs the reference params in the train state.")
         b = batch["input_ids"].shape[0]

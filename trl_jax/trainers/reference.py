@@ -20,6 +20,11 @@ def params_equal(a, b) -> jax.Array:
         return jnp.array_equal(x.astype(wide), y.astype(wide))
 
     if jax.tree.structure(a) != jax.tree.structure(b):
+        from trl_jax.models.lora import has_adapters
+        from trl_jax.trainers.peft import lora_params_equal
+
+        if has_adapters(a) and not has_adapters(b):
+            return lora_params_equal(a, b, params_equal)
         return jnp.asarray(False)
     leaves = [one(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -33,7 +38,7 @@ def reference_value(policy_value, reference_fn, params, ref_params):
     are exactly 0 and ties (``rewards/accuracies`` uses a strict ``>``) come out as TRL's. Two XLA programs (one
     differentiated, one not) need not round identically, so here the tie is made exact by using one computation.
     """
-    same = params_equal(params, ref_params)
+    same = params_equal(params, ref_params)  # LoRA: adapters at identity and the base equal
     ref = reference_fn(jax.lax.stop_gradient(ref_params))
     return jax.lax.stop_gradient(jax.tree.map(lambda p, r: jnp.where(same, p, r), policy_value, ref))
 
@@ -46,6 +51,9 @@ class ReferenceModelMixin:
         """Reference params: a frozen copy of the initial weights (TRL reloads the same checkpoint), or
         ``ref_model`` given as a path / hub id or a ``(CausalLM, params)`` pair (same architecture)."""
         dtype = _dtype(getattr(self.args, "ref_param_dtype", None) or self.args.compute_dtype)
+        is_base, originals = self._lora_reference_originals(ref_model)
+        if is_base:
+            return originals
         if ref_model is None:
             # held in `ref_param_dtype` (default: the compute dtype, as TRL holds it in the model's dtype): a
             # bf16 reference costs half an fp32 copy
@@ -76,7 +84,8 @@ class ReferenceModelMixin:
                 # each process collates its rows of the batch; the [B] outputs are gathered to every process
                 # (each needs the whole column: later steps read other rows)
                 local = self._collate_local(ds, range(start, stop), rows_per_batch, collate=self._collate)
-                out = gather_to_host(jitted(self.ref_model_params, self._device_batch(local)))
+                ref = self._reference(self.params, self.ref_model_params)
+                out = gather_to_host(jitted(ref, self._device_batch(local)))
                 for k, v in out.items():
                     if k in ds.column_names:
                         continue

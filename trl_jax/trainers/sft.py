@@ -38,10 +38,10 @@ class SFTTrainer(BaseTrainer):
                  peft_config=None, formatting_func=None):
         reject_unsupported("SFTTrainer", compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                            optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-                           preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config)
+                           preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         self.formatting_func = formatting_func
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks,
-                         data_collator=data_collator)
+                         data_collator=data_collator, peft_config=peft_config)
 
     def _prepare_dataset(self, dataset, split):
         packing = self.args.packing if split == "train" else (

@@ -1,0 +1,134 @@
+"""LoRA / rsLoRA / DoRA adapters: trl_jax's adapted decoder against PEFT on the transformers PyTorch model.
+
+Random adapters are built by PEFT (``init_lora_weights=False``: A and B both random), saved in PEFT's format and
+loaded by trl_jax, and trl_jax's adapters saved in PEFT's format load in ``peft.PeftModel`` -- logits equal within
+1e-4 (fp32) both ways, for several target sets."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+from model_fixtures import make_torch_model, padded_batch, save_torch_model, torch_logits
+from trl_jax.models import from_pretrained, save_pretrained
+from trl_jax.models.lora import (LoraConfig, count_params, merge_adapters, partition, resolve_lora,
+                                 trainable_names, without_adapters)
+from trl_jax.models.peft_io import add_adapters, load_adapter, save_adapter, with_lora
+
+CASES = {
+    "qv": dict(target_modules=["q_proj", "v_proj"]),
+    "all_linear_rslora": dict(target_modules="all-linear", use_rslora=True),
+    "regex_layer1_dora": dict(target_modules=r".*\.1\.(self_attn\.o_proj|mlp\.down_proj)", use_dora=True),
+    "layers_to_transform_save_head": dict(target_modules=["k_proj", "gate_proj"], layers_to_transform=[0],
+                                          modules_to_save=["lm_head"]),
+}
+
+
+def _peft_model(tm, case, seed=0):
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM", **CASES[case])
+    pm = peft.get_peft_model(tm, cfg)
+    with torch.no_grad():  # DoRA magnitudes and saved modules off their initial values too
+        g = torch.Generator().manual_seed(seed + 1)
+        for n, p in pm.named_parameters():
+            if "lora_magnitude" in n or "modules_to_save" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return pm.eval()
+
+
+def _close(got, want, mask):
+    """Equal within 1e-4 on the real tokens (padding positions' logits are not defined the same way)."""
+    keep = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-4, rtol=1e-4)
+
+
+def _jax_logits(model, params, ids, mask, pos):
+    return np.asarray(model.logits(params, jnp.asarray(ids), jnp.asarray(pos), attention_mask=jnp.asarray(mask)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_adapter_loads_with_equal_logits_and_saves_back(case, tmp_path):
+    arch = "qwen2" if case == "qv" else "llama"  # qwen2: q/k/v biases; llama: untied lm_head
+    tm = make_torch_model(arch)
+    base_dir = save_torch_model(tm, tmp_path / "base")
+    pm = _peft_model(tm, case)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ids, mask, pos = padded_batch()
+    want = torch_logits(pm, ids, mask, pos)
+
+    scan = "layers_to_transform" not in CASES[case] and "regex" not in case
+    model, params = from_pretrained(base_dir, scan_layers=scan)
+    lmodel, lparams = load_adapter(tmp_path / "adapter", model, params)
+    _close(_jax_logits(lmodel, lparams, ids, mask, pos), want, mask)
+
+    # the base (adapters removed from the tree) is the model PEFT runs with its adapters disabled
+    with pm.disable_adapter():
+        base_want = torch_logits(pm, ids, mask, pos)
+    ref = without_adapters(lparams)
+    for m in lmodel.config.lora.modules_to_save:  # PEFT's disabled adapter uses the original module
+        ref[m] = params[m]
+    _close(_jax_logits(lmodel, ref, ids, mask, pos), base_want, mask)
+
+    # trl_jax's save -> PEFT load -> same logits
+    out = tmp_path / "ours"
+    save_adapter(lmodel, lparams, out, base_model_name_or_path=base_dir)
+    back = peft.PeftModel.from_pretrained(make_torch_model(arch), str(out)).eval()
+    _close(torch_logits(back, ids, mask, pos), want, mask)
+    assert json.load(open(out / "adapter_config.json"))["peft_type"] == "LORA"
+
+    # merged into a plain model: same logits, saved as a full HF checkpoint transformers loads
+    plain = with_lora(lmodel, None)
+    merged = merge_adapters(lparams, lmodel.config.lora)
+    _close(_jax_logits(plain, merged, ids, mask, pos), want, mask)
+    save_pretrained(plain, merged, str(tmp_path / "merged"))
+    import transformers
+    full = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), attn_implementation="eager")
+    _close(torch_logits(full, ids, mask, pos), want, mask)
+
+    # trainable parameters: exactly PEFT's requires_grad set
+    n_peft = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    names = trainable_names(lparams, lmodel.config.lora)
+    trainable, _ = partition(lparams, lambda n: n in names)
+    assert count_params(trainable) == n_peft
+
+
+def test_new_adapters_start_as_the_base_and_decode_like_the_forward(tmp_path):
+    tm = make_torch_model("qwen3")
+    model, params = from_pretrained(save_torch_model(tm, tmp_path / "base"))
+    spec = resolve_lora(LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", use_dora=True), model.config)
+    lmodel, lparams = add_adapters(model, params, spec, rng=jax.random.PRNGKey(3))
+    ids, mask, pos = padded_batch()
+    # B = 0 and DoRA magnitude = ||W||: the adapted model starts as the base
+    _close(_jax_logits(lmodel, lparams, ids, mask, pos), torch_logits(tm, ids, mask, pos), mask)
+    # random B: cached decoding (prefill + token by token) applies the adapters like the full forward
+    lparams = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
+        if str(p).endswith("'lora_b']") else x, lparams)
+    full = _jax_logits(lmodel, lparams, ids[:1], mask[:1], pos[:1])
+    cache = lmodel.init_cache(1, 16)
+    logits, cache = lmodel.prefill(lparams, cache, jnp.asarray(ids[:1, :6]), logits_for="all")
+    steps = [np.asarray(logits)[0]]
+    for t in range(6, ids.shape[1]):
+        lg, cache = lmodel.decode_step(lparams, cache, jnp.asarray(ids[:1, t]), jnp.asarray([t]))
+        steps.append(np.asarray(lg))
+    got = np.concatenate([steps[0], np.stack([s[0] for s in steps[1:]])])
+    np.testing.assert_allclose(got, full[0], atol=1e-4, rtol=1e-4)
+
+
+def test_resolve_lora_errors_name_the_fix():
+    model_cfg = from_pretrained.__globals__["config_from_hf"](make_torch_model("llama").config)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        resolve_lora(LoraConfig(target_modules=["lm_head"]), model_cfg)
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        resolve_lora(LoraConfig(target_modules=["c_attn"]), model_cfg)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        resolve_lora(LoraConfig(init_lora_weights="pissa"), model_cfg)
+    spec = resolve_lora(LoraConfig(target_modules=["q_proj"], layers_to_transform=[1]), model_cfg)
+    with pytest.raises(ValueError, match="scan_layers: false"):
+        model_cfg.replace(lora=spec)
+    assert spec.targets == ((), ("q_proj",))

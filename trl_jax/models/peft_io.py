@@ -1,0 +1,300 @@
+"""LoRA adapters on a loaded model, and PEFT's adapter directory format in and out (no torch, no peft).
+
+A PEFT adapter directory holds ``adapter_config.json`` (``peft.LoraConfig`` fields) and
+``adapter_model.safetensors`` with ``base_model.model.<HF module>.lora_A.weight [r, in]``,
+``...lora_B.weight [out, r]``, ``...lora_magnitude_vector [out]`` (DoRA) and ``base_model.model.<HF name>`` for the
+``modules_to_save``; ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads what
+:func:`save_adapter` writes, and :func:`load_adapter` reads what PEFT saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trl_jax.models.hf_io import _get as _get_path
+from trl_jax.models.hf_io import _param_path, _to_host, param_entries
+from trl_jax.models.lora import (ADAPTER_LEAVES, LoraSpec, combine, dora_weight_norm, lora_a_init, lora_b_init,
+                                 path_names, resolve_lora)
+from trl_jax.models.model import CausalLM
+from trl_jax.models.safetensors_io import SafetensorsFile, save_file
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_PEFT_LEAF = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+# our projection -> HF module path inside a layer
+_HF_PROJ = {**{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            **{p: f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+
+
+def is_adapter_dir(path) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), ADAPTER_CONFIG_NAME))
+
+
+def read_adapter_config(directory) -> dict:
+    with open(os.path.join(os.fspath(directory), ADAPTER_CONFIG_NAME)) as fh:
+        return json.load(fh)
+
+
+def with_lora(model: CausalLM, spec: LoraSpec | None) -> CausalLM:
+    """The same model with ``spec``'s adapters in its config (``None``: the plain model)."""
+    return CausalLM(model.config.replace(lora=spec), hf_config=model.hf_config, value_head=model.value_head)
+
+
+def _new_leaves(model: CausalLM, params):
+    """``[(names, abstract leaf)]`` of the leaves ``model`` (with adapters) has and ``params`` lacks."""
+    have = {path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    return [(path_names(p), x) for p, x in jax.tree_util.tree_leaves_with_path(model.abstract_params())
+            if path_names(p) not in have]
+
+
+def _shardings(model: CausalLM, mesh, rules):
+    from jax.sharding import SingleDeviceSharding
+
+    from trl_jax.models.sharding import param_shardings
+
+    abstract = model.abstract_params()
+    if mesh is None:
+        dev = SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: dev, abstract)
+    return param_shardings(model.logical_axes(), abstract, mesh, rules)
+
+
+def add_adapters(model: CausalLM, params, spec: LoraSpec, *, rng=None, mesh=None, rules=None,
+                 adapter_dtype=None):
+    """``(adapted model, params with new adapters)``: LoRA A random (PEFT's init), B zero (so the adapted model
+    equals the base), DoRA magnitudes ``||W||`` of the loaded kernels. New leaves are placed on the sharding their
+    logical axes give on ``mesh`` (the kernel's input/output axes); ``adapter_dtype`` defaults to the
+    model's ``param_dtype``. ``params`` are not copied."""
+    lmodel = with_lora(model, spec)
+    dtype = adapter_dtype or model.config.param_dtype
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    shardings = _shardings(lmodel, mesh, rules)
+    new: dict = {}
+    leaves = _new_leaves(lmodel, params)
+    for i, (names, x) in enumerate(leaves):
+        if names[-1] not in ("lora_a", "lora_b"):
+            continue
+        init = lora_a_init if names[-1] == "lora_a" else lora_b_init
+        stacked = names[0] == "layers"
+        key = jax.random.fold_in(rng, i)
+        sharding = _get_path(shardings, names)
+
+        def make(key, init=init, shape=x.shape, stacked=stacked):
+            if stacked:
+                keys = jax.random.split(key, shape[0])
+                return jax.vmap(lambda k: init(k, shape[1:], dtype, spec.init_lora_weights))(keys)
+            return init(key, shape, dtype, spec.init_lora_weights)
+
+        _set(new, names, jax.jit(make, out_shardings=sharding)(key))
+    for names, x in leaves:
+        if names[-1] != "lora_magnitude":
+            continue
+        module = names[:-1]
+        kernel = _get_path(params, module + ("kernel",))
+        a, b = _get_path(new, module + ("lora_a",)), _get_path(new, module + ("lora_b",))
+        n_in = a.ndim - 1 - (1 if names[0] == "layers" else 0)
+
+        def norm(k, a, b, n_in=n_in):
+            f = lambda k, a, b: dora_weight_norm(k.astype(jnp.float32), a.astype(jnp.float32),  # noqa: E731
+                                                 b.astype(jnp.float32), spec.scaling, n_in).astype(dtype)
+            return jax.vmap(f)(k, a, b) if names[0] == "layers" else f(k, a, b)
+
+        _set(new, names, jax.jit(norm, out_shardings=_get_path(shardings, names))(kernel, a, b))
+    missing = [names for names, _ in leaves if names[-1] not in ADAPTER_LEAVES]
+    if missing:
+        raise ValueError(f"adding adapters created unexpected parameters {missing[:3]}")
+    return lmodel, combine(params, new)
+
+
+def _set(tree, names, value):
+    for n in names[:-1]:
+        tree = tree.setdefault(n, {})
+    tree[names[-1]] = value
+
+
+# ------------------------------------------------------------------------------------------ saving
+def _adapter_modules(model: CausalLM, params):
+    """``[(HF module name, our module path)]`` of every adapted projection (one entry per layer)."""
+    cfg = model.config
+    out = []
+    for i, names in enumerate(cfg.lora.targets):
+        for proj in names:
+            group = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            ours = (("layers",) if cfg.scan_layers else (f"layers_{i}",)) + (group, proj)
+            out.append((f"model.layers.{i}.{_HF_PROJ[proj]}", ours, i))
+    return out
+
+
+def adapter_state_dict(model: CausalLM, params) -> dict[str, np.ndarray]:
+    """PEFT's adapter tensors (names and layouts of ``adapter_model.safetensors``) as host arrays."""
+    cfg, spec = model.config, model.config.lora
+    out: dict[str, np.ndarray] = {}
+    cache: dict = {}
+
+    def host(path, i):
+        if path not in cache:
+            cache[path] = _to_host(_get_path(params, path))
+        x = cache[path]
+        return x[i] if cfg.scan_layers and path[0] == "layers" else x
+
+    for hf, ours, i in _adapter_modules(model, params):
+        a = host(ours + ("lora_a",), i)
+        b = host(ours + ("lora_b",), i)
+        out[f"{_PREFIX}{hf}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.r).T)
+        out[f"{_PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.r, -1).T)
+        if spec.use_dora:
+            out[f"{_PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(host(ours + ("lora_magnitude",),
+                                                                                    i).reshape(-1))
+    for entry, names, i in _saved_module_entries(model, params):
+        arr = host(names, i if entry.stacked else None)
+        out[_PREFIX + entry.hf.format(i=i)] = np.ascontiguousarray(entry.to_hf(arr))
+    return out
+
+
+def _saved_module_entries(model: CausalLM, params):
+    cfg, spec = model.config, model.config.lora
+    value_head = "v_head" in params
+    out = []
+    for entry in param_entries(cfg, value_head=value_head):
+        if not any(m in entry.path[:-1] for m in spec.modules_to_save):
+            continue
+        if entry.stacked:
+            out += [(entry, _param_path(entry, cfg, i), i) for i in range(cfg.num_hidden_layers)]
+        else:
+            out.append((entry, entry.path, 0))
+    return out
+
+
+def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None) -> dict:
+    target = spec.target_modules
+    return {
+        "peft_type": "LORA",
+        "task_type": spec.task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": spec.r,
+        "lora_alpha": spec.lora_alpha,
+        "lora_dropout": spec.lora_dropout,
+        "target_modules": target if isinstance(target, str) else sorted(target),
+        "modules_to_save": list(spec.modules_to_save) or None,
+        "bias": spec.bias,
+        "use_rslora": spec.use_rslora,
+        "use_dora": spec.use_dora,
+        "init_lora_weights": spec.init_lora_weights,
+        "layers_to_transform": None if spec.layers_to_transform is None else list(spec.layers_to_transform),
+        "layers_pattern": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_adapter(model: CausalLM, params, save_directory, *, base_model_name_or_path: str | None = None,
+                 tokenizer=None) -> str:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout). Every process of a
+    multi-host run must call it (gathers); process 0 writes."""
+    if model.config.lora is None:
+        raise ValueError("save_adapter: the model has no LoRA adapters (model.config.lora is None).")
+    tensors = adapter_state_dict(model, params)
+    if jax.process_index() != 0:
+        return os.fspath(save_directory)
+    os.makedirs(save_directory, exist_ok=True)
+    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME))
+    with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w") as fh:
+        json.dump(adapter_config_dict(model.config.lora, base_model_name_or_path), fh, indent=2, sort_keys=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_directory)
+    return os.fspath(save_directory)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_adapter(directory, model: CausalLM, params, *, mesh=None, rules=None, adapter_dtype=None):
+    """``(adapted model, params)``: the adapters of a PEFT directory (saved by PEFT or :func:`save_adapter`) put
+    on ``model`` (the base, loaded by ``from_pretrained``). ``modules_to_save`` weights replace the base's."""
+    directory = os.fspath(directory)
+    config = read_adapter_config(directory)
+    spec = resolve_lora(config, model.config)
+    lmodel, params = add_adapters(model, params, spec, mesh=mesh, rules=rules, adapter_dtype=adapter_dtype)
+    f = SafetensorsFile(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
+    keys = set(f.keys())
+    names = {k.replace(".default.", ".") for k in keys}
+    if names != keys:
+        raise ValueError(f"{directory}: adapter tensors named with an adapter name ('.default.') are not supported.")
+    shardings = _shardings(lmodel, mesh, rules)
+    dtype = np.dtype(jnp.dtype(adapter_dtype or model.config.param_dtype))
+    cfg = lmodel.config
+    used = set()
+    per_leaf: dict = {}
+    for hf, ours, i in _adapter_modules(lmodel, params):
+        for leaf, peft_name in _PEFT_LEAF.items():
+            if leaf == "lora_magnitude" and not spec.use_dora:
+                continue
+            key = f"{_PREFIX}{hf}.{peft_name}"
+            if key not in keys:
+                raise ValueError(f"{directory}: {ADAPTER_WEIGHTS_NAME} lacks {key!r}.")
+            used.add(key)
+            want = _get_path(params, ours + (leaf,))
+            shape = want.shape[1:] if cfg.scan_layers else want.shape
+            t = f[key]
+            if leaf == "lora_a":
+                arr = t.T.reshape(shape)
+            elif leaf == "lora_b":
+                arr = t.T.reshape(shape)
+            else:
+                arr = t.reshape(shape)
+            per_leaf.setdefault(ours + (leaf,), {})[i] = arr
+    for entry, names_, i in _saved_module_entries(lmodel, params):
+        key = _PREFIX + entry.hf.format(i=i)
+        if key not in keys:
+            raise ValueError(f"{directory}: {ADAPTER_WEIGHTS_NAME} lacks {key!r} (a modules_to_save weight).")
+        used.add(key)
+        per_leaf.setdefault(names_, {})[i] = entry.to_ours(f[key])
+    unused = keys - used
+    params = jax.tree.map(lambda x: x, params)  # fresh containers: the caller's tree is not modified
+    if unused:
+        raise ValueError(f"{directory}: adapter tensors {sorted(unused)[:3]} do not belong to this "
+                         f"{cfg.model_type} model with target_modules={spec.target_modules!r}.")
+    for names_, by_layer in per_leaf.items():
+        stacked = names_[0] == "layers"
+        arr = np.stack([by_layer[i] for i in sorted(by_layer)]) if stacked else by_layer[next(iter(by_layer))]
+        old = _get_path(params, names_)
+        if tuple(arr.shape) != tuple(old.shape):
+            raise ValueError(f"{directory}: tensor for {'/'.join(names_)} has shape {arr.shape}, expected {old.shape}.")
+        leaf_dtype = dtype if names_[-1] in ADAPTER_LEAVES else np.dtype(old.dtype)
+        _set_existing(params, names_, jax.device_put(arr.astype(leaf_dtype), _get_path(shardings, names_)))
+    return lmodel, params
+
+
+def _set_existing(tree, names, value):
+    for n in names[:-1]:
+        tree = tree[n]
+    tree[names[-1]] = value
+
+
+def spec_from_adapter_dir(directory, model_cfg) -> LoraSpec:
+    return resolve_lora(read_adapter_config(directory), model_cfg)
+
+
+def replace_spec(spec: LoraSpec, **kw) -> LoraSpec:
+    return dataclasses.replace(spec, **kw)
+
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "add_adapters",
+    "adapter_state_dict",
+    "is_adapter_dir",
+    "load_adapter",
+    "read_adapter_config",
+    "save_adapter",
+    "with_lora",
+]
