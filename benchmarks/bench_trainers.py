@@ -8,7 +8,8 @@ Throughput: tokens (the logged ``num_tokens`` counter, identical on both sides) 
 ``--warmup`` and the log of the last step, divided by the wall time between them (compilation excluded).
 
 The same measurement for a user's own config (with the per-step parity check and a plot): ``trl-jax compare``
-(:mod:`trl_jax.compare`, which also builds the trainers for this script).
+(:mod:`trl_jax.compare`); this script builds its trainers with :func:`trl_jax.compare.build_jax_trainer` and
+:func:`trl_jax_compare.build_trl_trainer`.
 
 Presets:
 
@@ -135,7 +136,7 @@ def worker_trl(kind, model_dir, p, steps, warmup):
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
-    from trl_jax.compare import build_trl_trainer
+    from trl_jax_compare import build_trl_trainer
 
     gpu = torch.cuda.is_available()
     times = _Times(torch.cuda.synchronize if gpu else None)

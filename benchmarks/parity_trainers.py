@@ -1,10 +1,14 @@
-"""Loss-curve parity of trl_jax's SFT / DPO / KTO trainers with TRL's PyTorch trainers.
+"""Loss-curve parity of trl_jax's SFT / DPO / KTO / reward trainers with TRL's PyTorch trainers.
 
 One tiny PyTorch ``Qwen3ForCausalLM`` (random init, fixed seed, fp32, no dropout) is saved with ``save_pretrained``
 next to trl_jax's character tokenizer. TRL's trainer (torch, CPU) and trl_jax's trainer (JAX, one-device mesh) both
 load that directory and train on the same rows in the same order (``train_sampling_strategy="sequential"``; TRL's
 ``Trainer._get_train_sampler`` returns a ``SequentialSampler`` for it and ``KTOTrainer`` always does) with the same
 hyperparameters. The per-step ``log_history`` entries (``logging_steps=1``) are compared key by key.
+
+Reward cases start from one ``*ForSequenceClassification`` directory (:func:`make_reward_model_dir`: TRL's own
+``AutoModelForSequenceClassification.from_pretrained(causal_lm, num_labels=1)`` after ``set_seed(0)``, saved), so
+both trainers start from the same random ``score`` head.
 
 Mesh: trl_jax runs on a ``(1, 1, 1)`` mesh (the first device) so that ``per_device_train_batch_size`` is the global
 batch, as in TRL's single CPU process. The ``*-dp`` cases instead run trl_jax on its default mesh over all devices
@@ -17,8 +21,8 @@ Usage::
     python benchmarks/parity_trainers.py --cases sft-adamw dpo-sgd --steps 5
     python benchmarks/parity_trainers.py --markdown out.md
 
-Importable: :func:`make_model_dir`, :func:`compare` (both from :mod:`trl_jax.compare`), :func:`make_dataset`,
-:func:`run_trl`, :func:`run_jax`, :func:`run_case`, ``CASES``.
+Importable: :func:`make_model_dir` (from :mod:`trl_jax_compare`), :func:`compare` (from :mod:`trl_jax.compare`),
+:func:`make_dataset`, :func:`run_trl`, :func:`run_jax`, :func:`run_case`, ``CASES``.
 """
 
 from __future__ import annotations
@@ -38,23 +42,24 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import numpy as np
 
-# The comparison, the tiny model directory and the trainer builders live in the package (`trl-jax compare`).
+# The comparison and the trl_jax trainer builder live in trl_jax (`trl-jax compare`); the TRL side (torch) -- the
+# TRL trainer builder and the tiny PyTorch model directory -- in trl_jax_compare, shipped with it.
 from trl_jax.compare import (  # noqa: F401 - re-exported for the tests and other scripts
     BOOKKEEPING,
     SUMMARY_KEYS,
     Comparison,
     build_jax_trainer,
-    build_trl_trainer,
     compare,
-    make_model_dir,
 )
 from trl_jax.compare import step_logs as _step_logs
+from trl_jax_compare import build_trl_trainer, make_model_dir  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------------- assets
 def make_dataset(kind: str, n: int, seed: int = 0):
     """``n`` rows of arithmetic of varied length: ``sft`` prompt/completion, ``dpo`` prompt/chosen/rejected,
-    ``kto`` prompt/completion/label (labels alternate, so every batch of 2+ holds both kinds)."""
+    ``kto`` prompt/completion/label (labels alternate, so every batch of 2+ holds both kinds), ``reward``
+    prompt/chosen/rejected, ``reward-margin`` the same plus a ``margin`` column."""
     from datasets import Dataset
 
     rng = np.random.default_rng(seed)
@@ -65,13 +70,15 @@ def make_dataset(kind: str, n: int, seed: int = 0):
         bad = str(a + b + int(rng.integers(1, 50)))
         if kind == "sft":
             rows.append({"prompt": prompt, "completion": good})
-        elif kind == "dpo":
+        elif kind in ("dpo", "reward"):
             rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+        elif kind == "reward-margin":
+            rows.append({"prompt": prompt, "chosen": good, "rejected": bad, "margin": float(rng.uniform(0.0, 1.0))})
         elif kind == "kto":
             label = bool(i % 2 == 0)
             rows.append({"prompt": prompt, "completion": good if label else bad, "label": label})
         else:
-            raise ValueError(f"kind must be sft, dpo or kto, got {kind!r}")
+            raise ValueError(f"kind must be sft, dpo, kto, reward or reward-margin, got {kind!r}")
     return Dataset.from_list(rows)
 
 
@@ -92,6 +99,14 @@ class Case:
     weight_decay: float = 0.0
     max_length: int = 32
     extra: dict = field(default_factory=dict)
+    dataset: str = ""  # make_dataset kind (default: ``kind``)
+    # below atol / rtol a value is compared absolutely (``compare``); reward metrics are O(0.1-1) numbers that
+    # cross zero (min/max/mean_reward, margin), so a reward at 0.003 is held to 1e-5, not to 3e-9
+    atol: float = 1e-6
+
+    @property
+    def data_kind(self) -> str:
+        return self.dataset or self.kind
 
 
 CASES = {c.name: c for c in [
@@ -109,6 +124,13 @@ CASES = {c.name: c for c in [
     Case("dpo-adamw-dp", "dpo", per_device_train_batch_size=8, extra={"beta": 0.1}),
     Case("kto-adamw-ga2", "kto", gradient_accumulation_steps=2, per_device_train_batch_size=2,
          extra={"beta": 0.1, "desirable_weight": 1.2}),
+    Case("reward-adamw", "reward", atol=1e-5),
+    # SGD at 0.1: the reward gradient has no beta to scale it down (DPO's 0.5 x beta 0.1)
+    Case("reward-sgd", "reward", optim="sgd", learning_rate=0.1, atol=1e-5),
+    Case("reward-adamw-ga2-margin-center", "reward", gradient_accumulation_steps=2, per_device_train_batch_size=2,
+         lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.01, dataset="reward-margin",
+         extra={"center_rewards_coefficient": 0.01}, atol=1e-5),
+    Case("reward-adamw-dp", "reward", per_device_train_batch_size=8, atol=1e-5),
 ]}
 
 
@@ -129,6 +151,41 @@ def rows_needed(case: Case, steps: int) -> int:
     return steps * case.per_device_train_batch_size * case.gradient_accumulation_steps
 
 
+def make_reward_model_dir(causal_dir: str, path: str, seed: int = 0) -> str:
+    """The causal LM of ``causal_dir`` as TRL's ``RewardTrainer`` builds it from a path (``set_seed(seed)``, then
+    ``AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)``: a new random ``score`` head),
+    with the tokenizer's pad id in the config, saved to ``path``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    tok = AutoTokenizer.from_pretrained(causal_dir)
+    set_seed(seed)
+    with suppress_seqcls_warning():
+        model = AutoModelForSequenceClassification.from_pretrained(causal_dir, num_labels=1, dtype="float32")
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- trainers
+def _trl_reward_trainer(model_dir: str, kw: dict, dataset, tok):
+    from trl import RewardConfig, RewardTrainer
+
+    return RewardTrainer(model=model_dir, args=RewardConfig(**kw), train_dataset=dataset, processing_class=tok)
+
+
+def _jax_reward_trainer(model_dir: str, kw: dict, dataset):
+    import warnings
+
+    from trl_jax.configs import RewardConfig
+    from trl_jax.trainers import RewardTrainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return RewardTrainer(model=model_dir, args=RewardConfig(**kw), train_dataset=dataset)
+
+
 # ---------------------------------------------------------------------------------------------------- runners
 def run_trl(case: Case, model_dir: str, dataset, steps: int, output_dir: str) -> list[dict]:
     """Train with TRL's PyTorch trainer on CPU; returns its per-step ``log_history`` entries."""
@@ -141,7 +198,10 @@ def run_trl(case: Case, model_dir: str, dataset, steps: int, output_dir: str) ->
     kw = _args_kwargs(case, steps, output_dir)
     kw["use_cpu"] = True
     kw["dataloader_num_workers"] = 0
-    trainer = build_trl_trainer(case.kind, model_dir, kw, dataset, processing_class=tok)
+    if case.kind == "reward":
+        trainer = _trl_reward_trainer(model_dir, kw, dataset, tok)
+    else:
+        trainer = build_trl_trainer(case.kind, model_dir, kw, dataset, processing_class=tok)
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
     return _step_logs(trainer.state.log_history)
@@ -164,7 +224,10 @@ def run_jax(case: Case, model_dir: str, dataset, steps: int, output_dir: str, me
         kw["per_device_train_batch_size"] = case.per_device_train_batch_size // n
     else:
         kw["mesh_shape"] = tuple(mesh_shape)
-    trainer = build_jax_trainer(case.kind, model_dir, kw, dataset)
+    if case.kind == "reward":
+        trainer = _jax_reward_trainer(model_dir, kw, dataset)
+    else:
+        trainer = build_jax_trainer(case.kind, model_dir, kw, dataset)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.train()
     return _step_logs(trainer.log_history)
@@ -183,13 +246,22 @@ def run_case(case: Case | str, steps: int = 20, workdir: str | None = None, mode
             workdir = stack.enter_context(tempfile.TemporaryDirectory())
         if model_dir is None:
             model_dir = make_model_dir(os.path.join(workdir, "model"))
-        ds = make_dataset(case.kind, rows_needed(case, steps))
+        if case.kind == "reward":
+            model_dir = _reward_dir(model_dir, workdir)
+        ds = make_dataset(case.data_kind, rows_needed(case, steps))
         t0 = time.perf_counter()
         trl_logs = run_trl(case, model_dir, ds, steps, os.path.join(workdir, f"trl-{case.name}"))
         t1 = time.perf_counter()
         jax_logs = run_jax(case, model_dir, ds, steps, os.path.join(workdir, f"jax-{case.name}"), mesh_shape)
         t2 = time.perf_counter()
-    return compare(trl_logs, jax_logs), {"trl_s": t1 - t0, "jax_s": t2 - t1}
+    return compare(trl_logs, jax_logs, atol=case.atol), {"trl_s": t1 - t0, "jax_s": t2 - t1}
+
+
+def _reward_dir(causal_dir: str, workdir: str) -> str:
+    path = os.path.join(workdir, "reward-model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        make_reward_model_dir(causal_dir, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------- report

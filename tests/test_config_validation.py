@@ -15,7 +15,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig as TRLOnlineDPOConfig
 
 from trl_jax import configs as C
 
-CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig]
+CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig]
 IDS = [c.__name__ for c in CONFIGS]
 # GRPO's defaults need the global batch divisible by num_generations: one data-parallel replica, 8 generations.
 BASE = {C.GRPOConfig: dict(per_device_train_batch_size=8, mesh_shape=(1, 1, -1))}
@@ -54,7 +54,7 @@ def test_epochs_and_steps(cls):
 
 @pytest.mark.parametrize("cls,field", [
     (C.SFTConfig, "max_length"), (C.DPOConfig, "max_length"), (C.KTOConfig, "max_length"),
-    (C.OnlineDPOConfig, "max_length"), (C.OnlineDPOConfig, "max_new_tokens"), (C.GRPOConfig, "max_completion_length"),
+    (C.RewardConfig, "max_length"), (C.OnlineDPOConfig, "max_length"), (C.OnlineDPOConfig, "max_new_tokens"), (C.GRPOConfig, "max_completion_length"),
     (C.GRPOConfig, "num_iterations"),
 ])
 def test_lengths_must_be_positive(cls, field):
@@ -141,8 +141,8 @@ RESOLVED_IN_CONFIG = {
     "vllm_importance_sampling_cap": "-> vllm_importance_sampling_clip_max (PyTorch-only too)",
     "overwrite_output_dir": "read by the run's output_dir check",
 }
-AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.ModelConfig, C.ScriptArguments,
-           C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig]
+AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.ModelConfig,
+           C.ScriptArguments, C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig]
 
 
 def _trl_jax_sources() -> str:
@@ -199,7 +199,7 @@ def _non_default(f):
     return "other"
 
 
-@pytest.mark.parametrize("cls", AUDITED[:7], ids=[c.__name__ for c in AUDITED[:7]])
+@pytest.mark.parametrize("cls", AUDITED[:8], ids=[c.__name__ for c in AUDITED[:8]])
 def test_not_supported_fields_are_errors_when_set(cls):
     import dataclasses
 
@@ -213,14 +213,22 @@ def test_not_supported_fields_are_errors_when_set(cls):
             cls(**base, **{f.name: _non_default(f)})
 
 
-def test_peft_and_quantization_are_refused_from_the_cli_config():
-    """issue: `--use_peft true --lora_r 8 --load_in_4bit true` used to train the full model in fp32, silently."""
-    with pytest.raises(ValueError, match="`use_peft`=True.*LoRA.*`lora_r`=8.*`load_in_4bit`=True.*quantized"):
+def test_lora_fields_need_use_peft_and_quantization_is_refused_from_the_cli_config():
+    """`--lora_r 8` without `--use_peft true` would train the full model: refused, naming the fix; quantized
+    loading is refused; `use_peft` + `lora_*` become TRL's LoRA config."""
+    from trl_jax.models.lora import get_peft_config
+
+    with pytest.raises(ValueError, match="`load_in_4bit`=True.*quantized"):
         C.load_config({"use_peft": "true", "lora_r": "8", "load_in_4bit": "true"}, C.SFTConfig)
-    for key in ("lora_alpha", "lora_dropout", "lora_target_modules", "load_in_8bit", "use_dora"):
-        with pytest.raises(ValueError, match=f"`{key}`"):
-            C.load_config({key: "true" if key in ("load_in_8bit", "use_dora") else "1"}, C.SFTConfig)
-    assert C.load_config({"use_peft": "false", "lora_r": "16"}, C.SFTConfig).model_args.use_peft is False
+    for key in ("lora_alpha", "lora_dropout", "lora_target_modules", "use_dora"):
+        with pytest.raises(ValueError, match=f"{key}.*use_peft: true"):
+            C.load_config({key: "true" if key == "use_dora" else "1"}, C.SFTConfig)
+    run = C.load_config({"use_peft": "true", "lora_r": "8", "lora_target_modules": ["q_proj", "v_proj"],
+                         "use_rslora": "true"}, C.SFTConfig)
+    peft = get_peft_config(run.model_args)
+    assert (peft.r, peft.lora_alpha, peft.lora_dropout, tuple(peft.target_modules), peft.use_rslora) == \
+        (8, 32, 0.05, ("q_proj", "v_proj"), True)
+    assert get_peft_config(C.load_config({}, C.SFTConfig).model_args) is None
 
 
 def test_torch_only_fields_of_model_and_script_args_warn():

@@ -22,6 +22,7 @@ PAIRS = [
     (C.KTOConfig, trl.KTOConfig),
     (C.GRPOConfig, trl.GRPOConfig),
     (C.OnlineDPOConfig, TRLOnlineDPOConfig),
+    (C.RewardConfig, trl.RewardConfig),
     (C.ModelConfig, trl.ModelConfig),
     (C.ScriptArguments, trl.ScriptArguments),
     (C.DatasetMixtureConfig, TRLMixture),
@@ -61,7 +62,7 @@ def test_field_names_and_defaults_equal_trl(ours, theirs):
 _POST_INIT_SKIP = {"parallelism_config", "accelerator_config"}
 
 
-@pytest.mark.parametrize("ours,theirs", PAIRS[:5], ids=[p[0].__name__ for p in PAIRS[:5]])
+@pytest.mark.parametrize("ours,theirs", PAIRS[:6], ids=[p[0].__name__ for p in PAIRS[:6]])
 @pytest.mark.parametrize("kw", [{}, {"eval_strategy": "steps", "logging_steps": 5, "save_steps": 20.0,
                                      "pad_to_multiple_of": "64", "fp16": False}])
 def test_post_init_values_equal_trl(ours, theirs, kw):

@@ -1,6 +1,7 @@
 """trl_jax.data against the installed TRL 1.16 data utils, trainer `_prepare_dataset`s, pack_dataset, collators."""
 
 import copy
+import json
 import os
 import random
 
@@ -12,10 +13,11 @@ import pytest
 import trl
 from trl.trainer.dpo_trainer import DataCollatorForPreference as TRLPreferenceCollator
 from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference as TRLUnpairedCollator
+from trl.trainer.reward_trainer import DataCollatorForPreference as TRLRewardCollator
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TRLLMCollator
 
 import trl_jax.data as D
-from trl_jax.configs import DPOConfig, KTOConfig, SFTConfig
+from trl_jax.configs import DPOConfig, KTOConfig, RewardConfig, SFTConfig
 
 from tiny_tokenizer import CHATML_TEMPLATE_NO_MARKERS, build_tiny_tokenizer
 
@@ -294,6 +296,44 @@ def test_prepare_kto_matches_trl(tok, name, kw):
     theirs = trainer._prepare_dataset(ds, tok, trl_args, "train")
     ours = D.prepare_unpaired_preference_dataset(ds, tok, KTOConfig(bf16=False, **kw))
     assert _rows(ours) == _rows(theirs)
+
+
+# ---------------------------------------------------------------------------------------------- reward preparation
+
+
+def _reward_sets():
+    sets = _pref_sets()
+    sets["margin"] = datasets.Dataset.from_dict({**PREF_STD, "margin": [0.5, 1.0, 2.0]})
+    sets["tools"] = datasets.Dataset.from_list([{**row, "tools": json.dumps(TOOLS)} for row in PREF_CONV])
+    sets["tokenized"] = datasets.Dataset.from_dict({"chosen_ids": [[1, 2, 3], [4] * 20],
+                                                    "rejected_ids": [[1, 2], [5]]})
+    return sets
+
+
+@pytest.mark.parametrize("name", ["std", "conv", "implicit", "implicit_conv", "margin", "tools", "tokenized"])
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_prepare_reward_matches_trl(tok, name, max_length):
+    ds = _reward_sets()[name]
+    trainer = trl.RewardTrainer.__new__(trl.RewardTrainer)
+    theirs = trainer._prepare_dataset(ds, tok, _trl_args(trl.RewardConfig, max_length=max_length), "train")
+    ours = D.prepare_reward_dataset(ds, tok, RewardConfig(bf16=False, max_length=max_length))
+    assert _rows(ours) == _rows(theirs)
+
+
+def test_reward_collator_matches_trl(tok):
+    rows = _rows(D.prepare_reward_dataset(_reward_sets()["margin"], tok, RewardConfig(bf16=False, max_length=None)))
+    theirs = TRLRewardCollator(pad_token_id=tok.pad_token_id)(rows)
+    ours = D.DataCollatorForRewardPreference(pad_token_id=tok.pad_token_id)(rows)
+    mask = ours["attention_mask"]
+    assert _unpad_rows(ours["input_ids"], mask) == _unpad_rows(theirs["input_ids"].numpy(),
+                                                               theirs["attention_mask"].numpy())
+    width = theirs["input_ids"].shape[1]
+    np.testing.assert_array_equal(ours["input_ids"][:, :width], theirs["input_ids"].numpy())
+    assert (ours["input_ids"][:, width:] == tok.pad_token_id).all() and mask[:, width:].sum() == 0
+    np.testing.assert_allclose(ours["margin"], theirs["margin"].numpy())
+    padded = D.DataCollatorForRewardPreference(pad_token_id=tok.pad_token_id, max_length=32, pad_batch_to=4)(rows)
+    assert padded["input_ids"].shape == (8, 32) and list(padded["example_mask"]) == [1, 1, 1, 0]
+    assert list(padded["margin"]) == [0.5, 1.0, 2.0, 0.0] and padded["attention_mask"][[3, 7]].sum() == 0
 
 
 # ---------------------------------------------------------------------------------------------- packing

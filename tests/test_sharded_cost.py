@@ -95,9 +95,9 @@ def _model_dir(root):
 
 
 def _trainer(kind, model_dir, out, bf16=False):
-    from trl_jax.configs import DPOConfig, GRPOConfig, KTOConfig, OnlineDPOConfig, SFTConfig
+    from trl_jax.configs import DPOConfig, GRPOConfig, KTOConfig, OnlineDPOConfig, RewardConfig, SFTConfig
     from trl_jax.data.builtin import load_builtin_dataset
-    from trl_jax.trainers import DPOTrainer, GRPOTrainer, KTOTrainer, OnlineDPOTrainer, SFTTrainer
+    from trl_jax.trainers import DPOTrainer, GRPOTrainer, KTOTrainer, OnlineDPOTrainer, RewardTrainer, SFTTrainer
 
     common = dict(output_dir=out, per_device_train_batch_size=8, max_steps=1, bf16=bf16, mesh_shape=(1, 1, 1),
                   gradient_checkpointing=False, disable_tqdm=True, report_to="none", save_strategy="no",
@@ -109,8 +109,10 @@ def _trainer(kind, model_dir, out, bf16=False):
     if kind == "sft":
         return SFTTrainer(model_dir, args=SFTConfig(max_length=32, **common),
                           train_dataset=load_builtin_dataset("arithmetic_sft").select(range(16)))
-    if kind in ("dpo", "kto"):
+    if kind in ("dpo", "kto", "reward"):
         data = load_builtin_dataset("arithmetic_preference").select(range(16))
+        if kind == "reward":
+            return RewardTrainer(model_dir, args=RewardConfig(max_length=64, **common), train_dataset=data)
         if kind == "dpo":
             return DPOTrainer(model_dir, args=DPOConfig(max_length=32, **common), train_dataset=data)
         return KTOTrainer(model_dir, args=KTOConfig(max_length=32, **common), train_dataset=data)
@@ -151,7 +153,7 @@ def model_dir(tmp_path_factory):
         os.environ["TRL_JAX_CACHE"] = old
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "grpo", "online_dpo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "reward", "grpo", "online_dpo"])
 def test_train_step_does_one_nth_of_the_work_per_device(kind, model_dir, tmp_path):
     tr = _trainer(kind, model_dir, str(tmp_path / kind))
     batch = _first_batch(tr)

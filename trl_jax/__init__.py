@@ -10,9 +10,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "SFTConfig": "trl_jax.configs", "DPOConfig": "trl_jax.configs", "KTOConfig": "trl_jax.configs",
-    "GRPOConfig": "trl_jax.configs", "OnlineDPOConfig": "trl_jax.configs", "ModelConfig": "trl_jax.configs",
+    "GRPOConfig": "trl_jax.configs", "OnlineDPOConfig": "trl_jax.configs", "RewardConfig": "trl_jax.configs",
+    "ModelConfig": "trl_jax.configs",
     "ScriptArguments": "trl_jax.configs",
     "SFTTrainer": "trl_jax.trainers", "GRPOTrainer": "trl_jax.trainers", "OnlineDPOTrainer": "trl_jax.trainers", "DPOTrainer": "trl_jax.trainers", "KTOTrainer": "trl_jax.trainers",
+    "RewardTrainer": "trl_jax.trainers",
     "selective_log_softmax": "trl_jax.ops", "fused_log_probs": "trl_jax.ops", "entropy_from_logits": "trl_jax.ops",
     "apply_chat_template": "trl_jax.data", "unpair_preference_dataset": "trl_jax.data",
     "extract_prompt": "trl_jax.data", "pack_dataset": "trl_jax.data",

@@ -3,6 +3,7 @@
     trl-jax sft --config configs/quickstart_sft.yaml [--max_steps 100 --learning_rate 1e-4 ...]
     trl-jax dpo --config configs/quickstart_dpo.yaml
     trl-jax kto --config configs/quickstart_kto.yaml
+    trl-jax reward --config configs/quickstart_reward.yaml
     trl-jax grpo --config configs/quickstart_grpo.yaml      # reward_funcs: [accuracy_reward, my_pkg.my_reward]
     trl-jax online-dpo --config configs/quickstart_online_dpo.yaml
     trl-jax env
@@ -31,7 +32,7 @@ import traceback
 
 from trl_jax.configs import UsageError
 
-TRAINERS = ("sft", "dpo", "kto", "grpo", "online-dpo")
+TRAINERS = ("sft", "dpo", "kto", "reward", "grpo", "online-dpo")
 
 
 def _parse_overrides(extra: list[str]) -> dict:
@@ -119,7 +120,7 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     from trl_jax import trainers as T
 
     cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig,
-           "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig}[command]
+           "reward": configs.RewardConfig, "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig}[command]
     script_cls = configs.GRPOScriptArguments if command in ("grpo", "online-dpo") else None
     if config and not os.path.isfile(config):
         raise UsageError(f"--config {config!r}: no such file.")
@@ -148,9 +149,11 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         args.param_dtype = run.model_args.dtype
     if run.model_args.attn_implementation is not None and args.attn_implementation is None:
         args.attn_implementation = run.model_args.attn_implementation  # TRL's ModelConfig field: the kernel
-    train, eval_ds = _datasets(run, split_names=command == "sft")
+    train, eval_ds = _datasets(run, split_names=command in ("sft", "reward"))
     model = _model_id(run)
-    peft_config = configs.get_peft_config(run.model_args)  # use_peft + lora_* (TRL's ModelConfig)
+    from trl_jax.models.lora import get_peft_config
+
+    peft_config = get_peft_config(run.model_args)  # use_peft + lora_* (TRL's ModelConfig), as TRL's scripts
     if command in ("grpo", "online-dpo"):
         from trl_jax.rewards import resolve_reward_funcs
 
@@ -165,12 +168,16 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         trainer = trainer_cls(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds,
                               peft_config=peft_config)
     else:
-        trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[command]
+        trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer,
+                       "reward": T.RewardTrainer}[command]
         trainer = trainer_cls(model, args=args, train_dataset=train, eval_dataset=eval_ds, peft_config=peft_config)
     result = {}
     if command == "sft" and trainer.eval_dataset is not None:
         result["exact_match_before"] = trainer.completion_exact_match()
         _say(f"[trl-jax] held-out exact match before training: {result['exact_match_before']:.3f}", flush=True)
+    if command == "reward" and trainer.eval_dataset is not None:
+        result["eval_accuracy_before"] = trainer.evaluate()["eval_accuracy"]
+        _say(f"[trl-jax] held-out reward accuracy before training: {result['eval_accuracy_before']:.3f}", flush=True)
     out = trainer.train()
     result["train_loss"] = out.training_loss
     if trainer.eval_dataset is not None:
@@ -181,6 +188,9 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         result["exact_match_after"] = trainer.completion_exact_match()
         _say(f"[trl-jax] held-out exact match after training: {result['exact_match_after']:.3f} "
               f"(before: {result['exact_match_before']:.3f})", flush=True)
+    if command == "reward" and trainer.eval_dataset is not None:
+        _say(f"[trl-jax] held-out reward accuracy after training: {result['eval_accuracy']:.3f} "
+             f"(before: {result['eval_accuracy_before']:.3f})", flush=True)
     path = trainer.save_model(args.output_dir)
     _say(f"[trl-jax] saved model and tokenizer to {path}", flush=True)
     return result
@@ -264,7 +274,7 @@ def _run(ns, extra) -> int:
     if ns.command == "env":
         print_env()
         return 0
-    if ns.command == "compare":  # trl-jax compare sft|dpo|kto --config x.yaml [--steps N] [--out DIR]
+    if ns.command == "compare":  # trl-jax compare sft|dpo|kto|grpo|online-dpo --config x.yaml [--steps N] [--out DIR]
         from trl_jax.compare import main as compare_main
 
         return compare_main(extra + (["--config", ns.config] if ns.config else []))

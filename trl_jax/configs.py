@@ -1,7 +1,7 @@
 """Trainer configs with TRL 1.16's field names and defaults, plus JAX-only knobs.
 
 Every config is a plain dataclass. Field names and defaults are those of the installed TRL
-(`trl.SFTConfig`, `trl.DPOConfig`, `trl.KTOConfig`, `trl.GRPOConfig`,
+(`trl.SFTConfig`, `trl.DPOConfig`, `trl.KTOConfig`, `trl.RewardConfig`, `trl.GRPOConfig`,
 `trl.experimental.online_dpo.OnlineDPOConfig`) and of `transformers.TrainingArguments` for the common ones, written out
 here (this module never imports torch, transformers' Trainer or trl). On top of them every config has the JAX fields
 listed in `JAX_FIELDS`.
@@ -45,6 +45,7 @@ __all__ = [
     "SFTConfig",
     "DPOConfig",
     "KTOConfig",
+    "RewardConfig",
     "GRPOConfig",
     "OnlineDPOConfig",
     "ModelConfig",
@@ -827,6 +828,39 @@ class KTOConfig(BaseConfig):
 
 
 @dataclass
+class RewardConfig(BaseConfig):
+    """Fields and defaults of `trl.RewardConfig` (1.16) + `JAX_FIELDS`.
+
+    As in TRL, `max_length` filters: a pair whose chosen or rejected sequence (prompt included) has more than
+    `max_length` tokens is dropped from the dataset, nothing is truncated.
+    """
+
+    learning_rate: float = 0.0001
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    chat_template_path: str | None = None
+    disable_dropout: bool = True
+    dataset_num_proc: int | None = None
+    eos_token: str | None = None
+    max_length: int | None = 1024
+    pad_to_multiple_of: int | str | None = 'auto'
+    center_rewards_coefficient: float | None = None
+    activation_offloading: bool = False
+    pad_token: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        coef = self.center_rewards_coefficient
+        if coef is not None and (isinstance(coef, bool) or not isinstance(coef, (int, float))
+                                 or not math.isfinite(coef)):
+            raise ValueError(f"`center_rewards_coefficient` must be a finite number or None, got {coef!r} (TRL "
+                             "recommends 0.01).")
+        if self.pad_token is not None:
+            warnings.warn("`pad_token` is deprecated in TRL and will be removed in v2.0.0; set `tokenizer.pad_token` "
+                          "and pass the tokenizer as `processing_class` instead.", FutureWarning, stacklevel=3)
+
+
+@dataclass
 class GRPOConfig(BaseConfig):
     """Fields and defaults of `trl.GRPOConfig` (1.16) + `JAX_FIELDS` + `GENERATION_JAX_FIELDS`.
 
@@ -1042,7 +1076,7 @@ class OnlineDPOConfig(BaseConfig):
 @dataclass
 class ModelConfig(_ConfigMixin):
     """Field names and defaults of `trl.ModelConfig`. `use_peft` + `lora_*` give the trainers a LoRA config
-    (:func:`get_peft_config`, as TRL's); quantized loading is refused when set (`NOT_SUPPORTED_FIELDS`);
+    (:func:`trl_jax.models.lora.get_peft_config`, as TRL's); quantized loading is refused when set (`NOT_SUPPORTED_FIELDS`);
     `attn_implementation` picks the attention kernel (auto / xla / cudnn / splash; transformers' names map) and is
     passed on to the trainer config by the CLI."""
 
@@ -1076,26 +1110,14 @@ class ModelConfig(_ConfigMixin):
             if lora_set:
                 raise ValueError(f"{', '.join(lora_set)} set without `use_peft: true`: they would be ignored and the "
                                  "whole model trained; set `use_peft: true` (LoRA) or remove them.")
+        if isinstance(self.lora_target_modules, list) and len(self.lora_target_modules) == 1:
+            self.lora_target_modules = self.lora_target_modules[0]  # TRL: one entry is a string (`all-linear`, regex)
         if self.lora_task_type not in ("CAUSAL_LM", "SEQ_CLS"):
             raise ValueError(f"lora_task_type {self.lora_task_type!r}: choose CAUSAL_LM or SEQ_CLS.")
 
 
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
                 "lora_modules_to_save", "use_rslora", "use_dora")
-
-
-def get_peft_config(model_args: ModelConfig):
-    """TRL's ``get_peft_config``: a LoRA config from `use_peft` and the `lora_*` fields (``None`` without
-    `use_peft`), as a :class:`trl_jax.models.lora.LoraConfig` (``peft.LoraConfig``'s fields)."""
-    if not model_args.use_peft:
-        return None
-    from trl_jax.models.lora import LoraConfig
-
-    return LoraConfig(task_type=model_args.lora_task_type, r=model_args.lora_r,
-                      target_modules=model_args.lora_target_modules, target_parameters=model_args.lora_target_parameters,
-                      lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, bias="none",
-                      use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
-                      modules_to_save=model_args.lora_modules_to_save)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from .chat_template import (
 from .collators import (
     DataCollatorForLanguageModeling,
     DataCollatorForPreference,
+    DataCollatorForRewardPreference,
     DataCollatorForUnpairedPreference,
     bucket_length,
     pad_rows,
@@ -41,10 +42,12 @@ from .tokenization import (
     add_kl_completion_ids,
     build_labels,
     prepare_preference_dataset,
+    prepare_reward_dataset,
     prepare_sft_dataset,
     prepare_unpaired_preference_dataset,
     setup_tokenizer,
     tokenize_preference_example,
+    tokenize_reward_example,
     tokenize_sft_example,
     tokenize_unpaired_example,
 )

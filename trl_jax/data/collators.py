@@ -29,6 +29,7 @@ __all__ = [
     "DataCollatorForLanguageModeling",
     "DataCollatorForPreference",
     "DataCollatorForUnpairedPreference",
+    "DataCollatorForRewardPreference",
 ]
 
 
@@ -222,6 +223,47 @@ class DataCollatorForUnpairedPreference:
         label = np.zeros(rows, dtype=bool)
         label[:n] = [bool(ex["label"]) for ex in examples]
         out["label"] = label
+        if self.pad_batch_to is not None:
+            out["example_mask"] = _example_mask(n, rows)
+        return out
+
+
+@dataclass
+class DataCollatorForRewardPreference:
+    """Reward-model collator (TRL's `reward_trainer.DataCollatorForPreference`): rows of whole `chosen_ids` /
+    `rejected_ids` sequences (+ `margin`) -> one `[2B, L]` batch, rows `0..B-1` chosen and `B..2B-1` rejected.
+
+    Nothing is truncated (the dataset was filtered to `max_length`). Keys: `input_ids` (padded with
+    `pad_token_id`, which is also how the score head finds each row's last token), `attention_mask`,
+    `position_ids`, `segment_ids` `[2B, L]`; `margin` `[B]` float32 when the rows carry it; `example_mask` `[B]`
+    with `pad_batch_to`.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    pad_batch_to: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        if not examples:
+            raise ValueError("Cannot collate an empty list of examples.")
+        n = len(examples)
+        rows = _batch_rows(n, self.pad_batch_to)
+        seqs = []
+        for key in ("chosen_ids", "rejected_ids"):
+            seqs += [list(ex[key]) for ex in examples] + [[] for _ in range(rows - n)]
+        length = bucket_length(max(len(x) for x in seqs), self.max_length, self.pad_to_multiple_of)
+        attention = pad_rows([[1] * len(x) for x in seqs], length, 0)
+        out = {
+            "input_ids": pad_rows(seqs, length, self.pad_token_id),
+            "attention_mask": attention,
+            "position_ids": (np.cumsum(attention, axis=1, dtype=np.int32) - 1).clip(min=0) * attention,
+            "segment_ids": attention.copy(),
+        }
+        if "margin" in examples[0]:
+            margin = np.zeros(rows, dtype=np.float32)
+            margin[:n] = [float(ex["margin"]) for ex in examples]
+            out["margin"] = margin
         if self.pad_batch_to is not None:
             out["example_mask"] = _example_mask(n, rows)
         return out

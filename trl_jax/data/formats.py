@@ -9,7 +9,7 @@ Formats (TRL's names), keyed by columns; each can be *standard* (strings) or *co
 * ``preference``: `prompt` + `chosen` + `rejected`; ``preference_implicit_prompt``: `chosen` + `rejected`.
 * ``unpaired_preference``: `prompt` + `completion` + `label` (bool).
 * ``tokenized``: `input_ids` (SFT), `prompt_ids` + `chosen_ids` + `rejected_ids` (DPO), `prompt_ids` +
-  `completion_ids` + `label` (KTO).
+  `completion_ids` + `label` (KTO), `chosen_ids` + `rejected_ids` (reward).
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ ACCEPTED_FORMATS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "kto": (
         ("tokenized", ("prompt_ids", "completion_ids", "label")),
         ("unpaired_preference", ("prompt", "completion", "label")),
+        ("preference", ("prompt", "chosen", "rejected")),
+        ("preference_implicit_prompt", ("chosen", "rejected")),
+    ),
+    "reward": (
+        ("tokenized", ("chosen_ids", "rejected_ids")),
         ("preference", ("prompt", "chosen", "rejected")),
         ("preference_implicit_prompt", ("chosen", "rejected")),
     ),

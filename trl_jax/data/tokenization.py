@@ -7,6 +7,7 @@ are identical token for token:
 * DPO  -> `prompt_ids`, `chosen_ids`, `rejected_ids`.
 * KTO  -> `prompt_ids`, `completion_ids`, `label`, plus `KL_completion_ids` (mismatched pairs) unless
   `loss_type="apo_zero_unpaired"`.
+* Reward -> `chosen_ids`, `rejected_ids` (prompt included), other columns (e.g. `margin`) kept.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ __all__ = [
     "tokenize_unpaired_example",
     "add_kl_completion_ids",
     "prepare_unpaired_preference_dataset",
+    "tokenize_reward_example",
+    "prepare_reward_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -378,4 +381,62 @@ def prepare_unpaired_preference_dataset(dataset, tokenizer, args, *, dataset_nam
                                      **_map_kwargs(dataset, num_proc, f"Dropping fully truncated rows of {dataset_name}"))
     if getattr(args, "loss_type", "kto") != "apo_zero_unpaired" and "KL_completion_ids" not in get_column_names(dataset):
         dataset = add_kl_completion_ids(dataset, args.per_device_train_batch_size, num_proc)
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------------------- Reward
+
+
+def tokenize_reward_example(example: dict[str, Any], tokenizer) -> dict[str, list]:
+    """Tokenize one preference row (after EOS handling) into whole `chosen_ids` / `rejected_ids` sequences.
+
+    As TRL's reward trainer: an explicit `prompt` is prepended to each answer (strings concatenated, message lists
+    joined) and the whole sequence is tokenized at once (`tokenizer(text=...)`, or `apply_chat_template` with the
+    row's `tools` and `chat_template_kwargs` and no generation prompt). With a prompt, the joined `chosen` /
+    `rejected` are returned too (the columns TRL's preparation leaves)."""
+    chosen, rejected = example["chosen"], example["rejected"]
+    if "prompt" in example:
+        chosen, rejected = example["prompt"] + chosen, example["prompt"] + rejected
+    kwargs = {}
+    if is_conversational(example):
+        kwargs = {"tools": row_tools(example), **example.get("chat_template_kwargs", {})}
+    out = {"chosen_ids": tokenize_input(tokenizer, chosen, **kwargs)["input_ids"],
+           "rejected_ids": tokenize_input(tokenizer, rejected, **kwargs)["input_ids"]}
+    if "prompt" in example:  # TRL's map leaves the joined texts in the `chosen` / `rejected` columns
+        out.update(chosen=chosen, rejected=rejected)
+    return out
+
+
+def prepare_reward_dataset(dataset, tokenizer, args, *, dataset_name: str = "train"):
+    """Prepare a reward-model dataset as `trl.RewardTrainer._prepare_dataset`.
+
+    Legacy `chosen_input_ids`/`rejected_input_ids` columns are renamed (with TRL's FutureWarning). Untokenized
+    rows (explicit or implicit prompt, standard or conversational) get EOS appended to standard `chosen` and
+    `rejected`, then are tokenized by `tokenize_reward_example`. Finally, with `args.max_length` set, pairs whose
+    chosen or rejected sequence is longer than `max_length` are dropped (TRL filters; it never truncates).
+    """
+    import warnings
+
+    columns = get_column_names(dataset)
+    is_processed = "chosen_ids" in columns and "rejected_ids" in columns
+    if not is_processed and "chosen_input_ids" in columns and "rejected_input_ids" in columns:
+        warnings.warn("Detected legacy dataset columns `chosen_input_ids`/`rejected_input_ids`; they are deprecated "
+                      "and will not be supported in v1. Please migrate to `chosen_ids`/`rejected_ids`.",
+                      FutureWarning, stacklevel=3)
+        dataset = dataset.rename_column("chosen_input_ids", "chosen_ids")
+        dataset = dataset.rename_column("rejected_input_ids", "rejected_ids")
+        is_processed = True
+    validate_dataset_format(dataset, "reward")
+    num_proc = getattr(args, "dataset_num_proc", None)
+    if not is_processed:
+        if not is_conversational(next(iter(dataset))):
+            dataset = dataset.map(_add_eos_pair, fn_kwargs={"eos_token": tokenizer.eos_token},
+                                  **_map_kwargs(dataset, num_proc, f"Adding EOS to {dataset_name} dataset"))
+        dataset = dataset.map(tokenize_reward_example, fn_kwargs={"tokenizer": tokenizer},
+                              **_map_kwargs(dataset, num_proc, f"Tokenizing {dataset_name} dataset"))
+    max_length = args.max_length
+    if max_length is not None:
+        dataset = dataset.filter(
+            lambda ex: len(ex["chosen_ids"]) <= max_length and len(ex["rejected_ids"]) <= max_length,
+            **_map_kwargs(dataset, num_proc, f"Filtering {dataset_name} >{max_length} tokens"))
     return dataset

@@ -220,9 +220,11 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
         raise ValueError(f"LoRA on {head} is not supported (the LM head runs inside the fused log-prob kernel); "
                          f"list it in modules_to_save to train it in full.")
     if not chosen:
+        hint = (" One string is a regular expression over full module names (PEFT's rule), e.g. r'.*\.q_proj'; "
+                "a list of names matches by suffix." if isinstance(target, str) else "")
         raise ValueError(f"target_modules={target!r} matches no linear layer of this {model_cfg.model_type} model; its "
                          "layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj "
-                         "(or 'all-linear').")
+                         f"(or 'all-linear').{hint}")
     targets = tuple(tuple(p for p in ATTENTION_PROJ + MLP_PROJ if p in chosen.get(i, ()))
                     for i in range(model_cfg.num_hidden_layers))
     known = {"lm_head", "embed_tokens", "score", "norm", "v_head"}
@@ -239,6 +241,18 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
         target_modules=target if isinstance(target, str) else tuple(target),
         layers_to_transform=None if ltt is None else ((ltt,) if isinstance(ltt, int) else tuple(ltt)),
     )
+
+
+def get_peft_config(model_args) -> LoraConfig | None:
+    """TRL's ``get_peft_config``: the LoRA config of a ``ModelConfig`` (``use_peft`` and the ``lora_*`` fields;
+    ``None`` without ``use_peft``)."""
+    if not model_args.use_peft:
+        return None
+    return LoraConfig(task_type=model_args.lora_task_type, r=model_args.lora_r,
+                      target_modules=model_args.lora_target_modules, target_parameters=model_args.lora_target_parameters,
+                      lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, bias="none",
+                      use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
+                      modules_to_save=model_args.lora_modules_to_save)
 
 
 # ------------------------------------------------------------------------------------------ dropout randomness
@@ -345,10 +359,12 @@ class LoraDenseGeneral(nn.DenseGeneral):
         norm = jax.lax.stop_gradient(dora_weight_norm(k, lora_a.astype(dtype), lora_b.astype(dtype), spec.scaling,
                                                       n_in))
         scale = magnitude.astype(dtype) / norm
-        if dropped or not self.use_bias:
+        if dropped:  # PEFT: the base term of DoRA sees the dropped-out input
             base = jax.lax.dot_general(x, k, (contract, ((), ())))
-        else:
+        elif self.use_bias:
             base = y - self.get_variable("params", "bias").astype(dtype)
+        else:
+            base = y
         return y + (scale - 1) * base + scale * lora_out
 
 
@@ -474,6 +490,7 @@ __all__ = [
     "combine",
     "count_params",
     "dropout_rng",
+    "get_peft_config",
     "has_adapters",
     "merge_adapters",
     "partition",

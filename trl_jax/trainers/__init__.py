@@ -6,6 +6,7 @@ from trl_jax.trainers.dpo import DPOTrainer
 from trl_jax.trainers.grpo import GRPOTrainer
 from trl_jax.trainers.kto import KTOTrainer
 from trl_jax.trainers.online_dpo import OnlineDPOTrainer
+from trl_jax.trainers.reward import RewardTrainer
 from trl_jax.trainers.sft import SFTTrainer
 
-__all__ = ["BaseTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "OnlineDPOTrainer", "SFTTrainer", "TrainOutput", "TrainerControl", "TrainerState"]
+__all__ = ["BaseTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "OnlineDPOTrainer", "RewardTrainer", "SFTTrainer", "TrainOutput", "TrainerControl", "TrainerState"]

@@ -405,9 +405,12 @@ class OnlineDPOTrainer(BaseTrainer):
         mask = flat["completion_mask"].astype(bool)
         args = (flat["input_ids"], flat["segment_ids"], flat["completion_ids"], flat["completion_mask"])
         logps = self._token_logps(params, *args)
-        ref_logps = reference_value(logps, lambda rp: self._token_logps(rp, *args), params, ref_params)
         seq = masked_sum(logps, mask, axis=-1)
-        ref_seq = masked_sum(ref_logps, mask, axis=-1)
+        # the summed reference log-probs go through reference_value themselves: while the reference holds the
+        # policy's weights they are exactly `seq` (two sums of equal values need not round alike), so the
+        # log-ratios are exactly 0 and `rewards/accuracies` (a strict >) counts ties as TRL does
+        ref_seq = reference_value(seq, lambda rp: masked_sum(self._token_logps(rp, *args), mask, axis=-1), params,
+                                  ref_params)
         beta = batch["beta"][0]
         keep = batch["example_mask"]
         ones = jnp.ones((b,), jnp.float32)

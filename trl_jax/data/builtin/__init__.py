@@ -3,7 +3,7 @@
 `load_builtin_dataset(name, split="train")` or `load_dataset_any("builtin:NAME")`:
 
 * `arithmetic_sft`: conversational `messages` + `answer` (2000 train / 200 test).
-* `arithmetic_preference`: conversational `prompt` / `chosen` / `rejected` (2000 train).
+* `arithmetic_preference`: conversational `prompt` / `chosen` / `rejected` (2000 train / 200 test).
 * `arithmetic_prompts`: conversational `prompt` + exact-match `answer` for GRPO (2000 train / 200 test).
 """
 
@@ -14,7 +14,7 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILTIN_DATASETS = {
     "arithmetic_sft": {"train": "arithmetic_sft.jsonl", "test": "arithmetic_sft_test.jsonl"},
-    "arithmetic_preference": {"train": "arithmetic_preference.jsonl"},
+    "arithmetic_preference": {"train": "arithmetic_preference.jsonl", "test": "arithmetic_preference_test.jsonl"},
     "arithmetic_prompts": {"train": "arithmetic_prompts.jsonl", "test": "arithmetic_prompts_test.jsonl"},
 }
 

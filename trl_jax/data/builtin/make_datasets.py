@@ -5,7 +5,7 @@
   tasks are chosen so that a tiny model trained from scratch on a CPU in a minute or two generalises to the
   held-out split (copying and reversing through attention, increments through digit rules). Train/test splits: `arithmetic_sft.jsonl` / `arithmetic_sft_test.jsonl`.
 * `arithmetic_preference.jsonl`: `prompt` / `chosen` / `rejected` (conversational); chosen is the right answer,
-  rejected an off-by-a-few wrong one.
+  rejected an off-by-a-few wrong one. `arithmetic_preference_test.jsonl`: the same for the held-out problems.
 * `arithmetic_prompts.jsonl`: `prompt` (conversational) and `answer` (exact-match string) for GRPO.
 """
 
@@ -63,17 +63,21 @@ def make_all(n_train: int = 2000, n_test: int = 200, seed: int = 1234) -> None:
 
     _write("arithmetic_sft.jsonl", [sft_row(q, a) for q, a in train])
     _write("arithmetic_sft_test.jsonl", [sft_row(q, a) for q, a in test])
-    pref = []
-    for q, a in train:
-        wrong = _wrong(rng, a)
-        if wrong == a:
-            wrong = str(int(a) + 1)
-        pref.append({
-            "prompt": [{"role": "user", "content": q}],
-            "chosen": [{"role": "assistant", "content": a}],
-            "rejected": [{"role": "assistant", "content": wrong}],
-        })
-    _write("arithmetic_preference.jsonl", pref)
+    def pref_rows(problems):
+        rows = []
+        for q, a in problems:
+            wrong = _wrong(rng, a)
+            if wrong == a:
+                wrong = str(int(a) + 1)
+            rows.append({
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            })
+        return rows
+
+    _write("arithmetic_preference.jsonl", pref_rows(train))
+    _write("arithmetic_preference_test.jsonl", pref_rows(test))  # drawn after the train pairs: those stay as they were
     _write("arithmetic_prompts.jsonl", [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in train])
     _write("arithmetic_prompts_test.jsonl",
            [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in test])
