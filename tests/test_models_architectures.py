@@ -7,6 +7,8 @@ projections, LongRoPE (short and long factors) with partial rotary, and a window
 checked on padded (left and right) and packed batches, scanned and unrolled layers, token-by-token cache decoding
 against transformers' own cached decoding, the sampler, the save -> transformers round trip, the
 sequence-classification head, and one SFT and one GRPO run (whose first-batch SFT loss equals transformers').
+Qwen3-MoE and Mixtral (4 experts, top 2): logits, cached decoding, round trip, the load-balancing loss, expert-axis
+sharding, SFT (with the aux term) and GRPO. LoRA adapters from PEFT on Gemma 2 and Qwen3-MoE give PEFT's logits.
 """
 
 from __future__ import annotations
@@ -336,3 +338,23 @@ def test_moe_expert_weights_shard_over_an_expert_mesh_axis(tmp_path_factory):
     ids, mask, pos = padded_batch()
     out = np.asarray(jax.jit(model.logits)(params, ids, pos, mask))
     assert np.abs(out - torch_logits(tm, ids, mask, pos))[mask.astype(bool)].max() <= ATOL
+
+
+@pytest.mark.parametrize("name,targets", [("gemma2", "all-linear"), ("qwen3_moe", ["q_proj", "v_proj"])])
+def test_peft_lora_adapters_give_peft_logits(name, targets, tmp_path_factory):
+    """LoRA through ``_dense`` on the new layers: a random PEFT adapter loads with PEFT's logits (Gemma 2's every
+    projection; Qwen3-MoE's attention)."""
+    import peft
+
+    from trl_jax.models.peft_io import load_adapter
+
+    tm, d, model, params = _loaded(name, tmp_path_factory)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(make_torch_model(name), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM", target_modules=targets)).eval()
+    adapter = tmp_path_factory.mktemp(f"{name}_lora")
+    pm.save_pretrained(str(adapter))
+    ids, mask, pos = padded_batch()
+    lmodel, lparams = load_adapter(adapter, model, params)
+    got = np.asarray(jax.jit(lmodel.logits)(lparams, ids, pos, mask))
+    assert np.abs(got - torch_logits(pm, ids, mask, pos))[mask.astype(bool)].max() <= ATOL
