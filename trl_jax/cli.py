@@ -219,6 +219,11 @@ def print_env() -> None:
     lines.append(f"backend: {jax.default_backend()}")
     lines.append(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
                  f"({jax.process_count()} process(es), {jax.local_device_count()} local)")
+    from trl_jax.models.config import SUPPORTED_ARCHITECTURES, SUPPORTED_ROPE_TYPES
+
+    lines.append("architectures: " + ", ".join(f"{mt} ({', '.join(classes)})"
+                                               for mt, classes in SUPPORTED_ARCHITECTURES.items()))
+    lines.append(f"rope types: {', '.join(SUPPORTED_ROPE_TYPES)}")
     print("\n".join(lines))
 
 

@@ -53,6 +53,7 @@ from trl_jax.data.formats import is_conversational
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.dpo import DPOInputs, dpo_loss_terms
 from trl_jax.ops import fused_log_probs
+from trl_jax.models.model import final_logit_softcapping
 from trl_jax.ops.masking import masked_sum
 from trl_jax.parallel.distributed import is_multiprocess
 from trl_jax.trainers.base import BaseTrainer, LocalBatch, prompt_columns, reject_unsupported, take_rows
@@ -391,7 +392,8 @@ class OnlineDPOTrainer(BaseTrainer):
         hidden = self.model.hidden_states(params, ids, pos, seg)
         h = hidden[:, ids.shape[1] - c - 1:-1]
         return fused_log_probs(h, self.model.lm_head_weight(params), completion_ids,
-                               chunk_size=self.args.logprob_chunk_size, mask=completion_mask.astype(bool))
+                               chunk_size=self.args.logprob_chunk_size, mask=completion_mask.astype(bool),
+                               final_logit_softcapping=final_logit_softcapping(self.model))
 
     def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
         """TRL's online DPO loss of one micro-batch of pairs (mean over its pairs) and TRL's ``stats``."""
