@@ -295,7 +295,12 @@ class Decoder(nn.Module):
                  cache=None, cache_index=None):
         """Final-norm hidden states ``[B, T, D]`` and the updated ``(k, v)`` cache (``None`` without a cache)."""
         c = self.cfg
-        x = _embed_scale(c, self.embed_tokens(input_ids).astype(c.dtype))
+        x = self.embed_tokens(input_ids)
+        if c.pad_token_id is not None:
+            # transformers' nn.Embedding(padding_idx=pad_token_id): a pad token's lookup sends no gradient to the
+            # pad row (a sampled or packed pad token must not train it); tied heads still reach it as logits
+            x = jnp.where((input_ids == c.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
+        x = _embed_scale(c, x.astype(c.dtype))
         cos, sin = rope_cos_sin(c, positions, c.dtype)
         base_mask = build_mask(q_slots, kv_slots, q_segment_ids, kv_segment_ids)
         windows = jnp.asarray(c.window_array(), jnp.int32) if c.has_sliding_window else None
