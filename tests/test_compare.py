@@ -260,3 +260,16 @@ def test_usage_errors(capsys):
     assert "unknown trainer 'ppo'" in capsys.readouterr().err
     assert cli.main(["compare", "sft", "--config", "no/such.yaml"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_lora_config_is_compared_from_the_same_initial_adapters(tiny_model, tmp_path):
+    """A `use_peft` config (the LoRA SFT quickstart as shipped, on the tiny model): trl_jax writes its initial
+    adapters, TRL + peft start from them; the per-step logs agree and the report says so."""
+    r = C.run_compare("sft", str(ROOT / "configs" / "quickstart_sft_lora.yaml"),
+                      {"model_name_or_path": tiny_model, "per_device_train_batch_size": "4", "lora_r": "8",
+                       "lora_alpha": "16"}, steps=4, out_dir=str(tmp_path), threads=1, echo=lambda *a: None)
+    assert r["ok"], (r["max_rel"], r["first_divergence"], r["only_trl"])
+    assert any("same initial adapters" in n for n in r["notes"])
+    assert (tmp_path / "initial-adapter" / "adapter_config.json").exists()
+    loss = r["curves"]["loss"]["trl"]
+    assert max(loss) - min(loss) > 1e-3

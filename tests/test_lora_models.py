@@ -26,6 +26,8 @@ CASES = {
     "regex_layer1_dora": dict(target_modules=r".*\.1\.(self_attn\.o_proj|mlp\.down_proj)", use_dora=True),
     "layers_to_transform_save_head": dict(target_modules=["k_proj", "gate_proj"], layers_to_transform=[0],
                                           modules_to_save=["lm_head"]),
+    # tied embeddings: the trained embedding copy feeds the input only, the head keeps the original (PEFT's rule)
+    "tied_save_embedding": dict(target_modules=["v_proj"], modules_to_save=["embed_tokens"]),
 }
 
 
@@ -53,7 +55,7 @@ def _jax_logits(model, params, ids, mask, pos):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_adapter_loads_with_equal_logits_and_saves_back(case, tmp_path):
-    arch = "qwen2" if case == "qv" else "llama"  # qwen2: q/k/v biases; llama: untied lm_head
+    arch = {"qv": "qwen2", "tied_save_embedding": "qwen3"}.get(case, "llama")  # qwen2: q/k/v biases; qwen3: tied
     tm = make_torch_model(arch)
     base_dir = save_torch_model(tm, tmp_path / "base")
     pm = _peft_model(tm, case)

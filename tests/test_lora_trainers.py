@@ -353,5 +353,5 @@ def test_lora_quickstart_config_runs_from_the_cli(tmp_path):
     assert rc in (0, None)
     cfg = json.load(open(out / "adapter_config.json"))
     assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"], cfg["modules_to_save"]) == \
-        (64, 64, "all-linear", ["embed_tokens"])
+        (64, 64, "all-linear", ["embed_tokens", "lm_head"])
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()

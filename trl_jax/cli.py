@@ -151,14 +151,9 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         args.attn_implementation = run.model_args.attn_implementation  # TRL's ModelConfig field: the kernel
     train, eval_ds = _datasets(run, split_names=command in ("sft", "reward"))
     model = _model_id(run)
-    from trl_jax.models.lora import get_peft_config
+    from trl_jax.models.lora import apply_model_args
 
-    peft_config = get_peft_config(run.model_args)  # use_peft + lora_* (TRL's ModelConfig), as TRL's scripts
-    if run.model_args.load_in_4bit:  # TRL's get_quantization_config -> model_init_kwargs["quantization_config"]
-        kwargs = dict(args.model_init_kwargs or {}) if isinstance(args.model_init_kwargs, (dict, type(None))) else {}
-        kwargs["quantization_config"] = {"load_in_4bit": True,
-                                         "bnb_4bit_quant_type": run.model_args.bnb_4bit_quant_type}
-        args.model_init_kwargs = kwargs
+    peft_config = apply_model_args(args, run.model_args)  # use_peft + lora_*, load_in_4bit (TRL's ModelConfig)
     if command in ("grpo", "online-dpo"):
         from trl_jax.rewards import resolve_reward_funcs
 

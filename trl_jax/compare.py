@@ -293,7 +293,14 @@ def peak_rss_mb() -> float:
 def _jax_trainer(spec: dict, run, dataset, timer):
     from trl_jax import trainers as T
 
+    from trl_jax.models.lora import apply_model_args
+
     command, model = spec["command"], run.model_args.model_name_or_path
+    peft_config = apply_model_args(run.args, run.model_args)  # use_peft / lora_* / load_in_4bit, as the CLI
+    if peft_config is not None:  # dropout off on both sides (TRL's side switches every nn.Dropout off)
+        import dataclasses
+
+        peft_config = dataclasses.replace(peft_config, lora_dropout=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if command in ONLINE:
@@ -304,10 +311,15 @@ def _jax_trainer(spec: dict, run, dataset, timer):
             reward_model = run.script_args.reward_model_name_or_path or getattr(run.args, "reward_model_path", None)
             if reward_model:
                 funcs.insert(0, reward_model)
-            return recording_trainer_cls(command)(model, reward_funcs=funcs, args=run.args, train_dataset=dataset,
-                                                  callbacks=[timer])
-        trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[command]
-        return trainer_cls(model, args=run.args, train_dataset=dataset, callbacks=[timer])
+            trainer = recording_trainer_cls(command)(model, reward_funcs=funcs, args=run.args, train_dataset=dataset,
+                                                     callbacks=[timer], peft_config=peft_config)
+        else:
+            trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[command]
+            trainer = trainer_cls(model, args=run.args, train_dataset=dataset, callbacks=[timer],
+                                  peft_config=peft_config)
+    if peft_config is not None:  # the TRL side starts from these same adapters (PeftModel.from_pretrained)
+        trainer.save_model(spec["peft_init"])
+    return trainer
 
 
 def _worker_jax(spec: dict) -> dict:
@@ -490,6 +502,11 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
     base = {"command": command, "config": os.path.abspath(config) if config else None,
             "overrides": {**overrides, **forced, "model_name_or_path": model_dir},
             "threads": threads}
+    if run.model_args.use_peft:
+        base["peft_init"] = os.path.join(out_dir, "initial-adapter")
+        notes.append("LoRA" + (" on a 4-bit base" if run.model_args.load_in_4bit else "") + ": both sides start from "
+                     "the same initial adapters (trl_jax's, written in PEFT's format and loaded by PEFT); the base "
+                     "model is frozen on both")
     if command in ONLINE:
         base["rollouts"] = os.path.join(out_dir, "trl_jax_rollouts.json")
         hook, what = _HOOK[command]

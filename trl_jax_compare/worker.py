@@ -62,6 +62,26 @@ def reward_funcs(run) -> list:
     return ([model] if model else []) + funcs
 
 
+def peft_model(spec: dict, run, model_dir: str, dtype):
+    """With ``use_peft``: the base model (4-bit through bitsandbytes with ``load_in_4bit``) with trl_jax's initial
+    adapters, trainable (``peft.PeftModel.from_pretrained``), so both sides start from the same adapters; else the
+    model directory."""
+    if not spec.get("peft_init"):
+        return model_dir
+    import peft
+    import transformers
+
+    load = dict(dtype=dtype, attn_implementation="eager")
+    if run.model_args.load_in_4bit:
+        load.update(device_map="cpu" if not torch.cuda.is_available() else None,
+                    quantization_config=transformers.BitsAndBytesConfig(
+                        load_in_4bit=True, bnb_4bit_quant_type=run.model_args.bnb_4bit_quant_type,
+                        bnb_4bit_compute_dtype=load["dtype"]))
+    auto = transformers.AutoModelForCausalLM
+    base = auto.from_pretrained(model_dir, **{k: v for k, v in load.items() if v is not None})
+    return peft.PeftModel.from_pretrained(base, spec["peft_init"], is_trainable=True)
+
+
 def _timed_train(trainer, timer: StepTimer) -> dict:
     gpu = torch.cuda.is_available()
     if gpu:
@@ -90,13 +110,16 @@ def run_trl(spec: dict) -> dict:
     gpu = torch.cuda.is_available()
     kw = trl_config_kwargs(spec, run)
     model_dir = run.model_args.model_name_or_path
+    dtype = kw["model_init_kwargs"]["dtype"]
+    if spec.get("peft_init"):  # the model is built here (base + trl_jax's initial adapters), not from kwargs
+        kw = {k: v for k, v in kw.items() if k != "model_init_kwargs"}
     extra = {"reward_funcs": reward_funcs(run)} if command in ONLINE else {}
     timer = StepTimer(torch.cuda.synchronize if gpu else None)
     torch.manual_seed(run.args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = build_trl_trainer(command, model_dir, kw, train_dataset(run), callbacks=[_callback(timer)],
-                                    **extra)
+        model = peft_model(spec, run, model_dir, dtype)
+        trainer = build_trl_trainer(command, model, kw, train_dataset(run), callbacks=[_callback(timer)], **extra)
     res = _timed_train(trainer, timer)
     del trainer
     res.update(device=torch.cuda.get_device_name() if gpu else "cpu (torch, %d threads)" % torch.get_num_threads(),
@@ -109,7 +132,8 @@ def run_trl(spec: dict) -> dict:
         kw_replay = {**kw, "output_dir": os.path.join(spec["out_dir"], "replay")}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer = build(record, model_dir, kw_replay, extra["reward_funcs"], callbacks=[_callback(StepTimer())])
+            trainer = build(record, peft_model(spec, run, model_dir, dtype), kw_replay, extra["reward_funcs"],
+                            callbacks=[_callback(StepTimer())])
         with contextlib.redirect_stdout(io.StringIO()):
             trainer.train()
         # the throughput run's logs and timings (TRL's own sampling); the replay's logs are the ones compared

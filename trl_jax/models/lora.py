@@ -60,6 +60,7 @@ class LoraConfig:
     exclude_modules: Any = None
     task_type: str | None = "CAUSAL_LM"
     target_parameters: Any = None
+    ensure_weight_tying: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,9 @@ class LoraSpec:
     task_type: str | None = "CAUSAL_LM"
     target_modules: Any = None  # as given (saved in adapter_config.json)
     layers_to_transform: tuple[int, ...] | None = None
+    # PEFT: a tied LM head stays tied to the *original* embedding when embed_tokens is in modules_to_save, unless
+    # ensure_weight_tying (then the trained copy feeds both)
+    ensure_weight_tying: bool = False
 
     @property
     def scaling(self) -> float:
@@ -240,6 +244,7 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
         task_type="SEQ_CLS" if seq_cls else (task or "CAUSAL_LM"),
         target_modules=target if isinstance(target, str) else tuple(target),
         layers_to_transform=None if ltt is None else ((ltt,) if isinstance(ltt, int) else tuple(ltt)),
+        ensure_weight_tying=bool(_get(peft_config, "ensure_weight_tying", False)),
     )
 
 
@@ -253,6 +258,16 @@ def get_peft_config(model_args) -> LoraConfig | None:
                       lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, bias="none",
                       use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
                       modules_to_save=model_args.lora_modules_to_save)
+
+
+def apply_model_args(args, model_args):
+    """TRL's scripts: ``peft_config`` from ``use_peft`` + ``lora_*`` (``None`` without), and ``load_in_4bit`` as
+    ``model_init_kwargs["quantization_config"]`` on the trainer config ``args`` (as ``get_quantization_config``)."""
+    if model_args.load_in_4bit:
+        kwargs = dict(args.model_init_kwargs) if isinstance(args.model_init_kwargs, dict) else {}
+        kwargs["quantization_config"] = {"load_in_4bit": True, "bnb_4bit_quant_type": model_args.bnb_4bit_quant_type}
+        args.model_init_kwargs = kwargs
+    return get_peft_config(model_args)
 
 
 # ------------------------------------------------------------------------------------------ dropout randomness
@@ -514,6 +529,7 @@ __all__ = [
     "combine",
     "count_params",
     "dropout_rng",
+    "apply_model_args",
     "get_peft_config",
     "has_adapters",
     "merge_adapters",

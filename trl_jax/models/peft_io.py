@@ -110,7 +110,7 @@ def add_adapters(model: CausalLM, params, spec: LoraSpec, *, rng=None, mesh=None
     missing = [names for names, _ in leaves if names[-1] not in ADAPTER_LEAVES]
     if missing:
         raise ValueError(f"adding adapters created unexpected parameters {missing[:3]}")
-    return lmodel, combine(params, new)
+    return untie_saved_embedding(lmodel, combine(params, new), mesh=mesh, rules=rules)
 
 
 def quantize_model(model: CausalLM, params, quant_type: str = "nf4", *, mesh=None, rules=None):
@@ -123,6 +123,27 @@ def quantize_model(model: CausalLM, params, quant_type: str = "nf4", *, mesh=Non
                       value_head=model.value_head)
     params = quantize_params(jax.tree.map(lambda x: x, params), quant_type)
     return qmodel, jax.device_put(params, _shardings(qmodel, mesh, rules))
+
+
+def untie_saved_embedding(model: CausalLM, params, *, mesh=None, rules=None):
+    """PEFT's tied-weights rule for ``modules_to_save`` naming ``embed_tokens`` and/or ``lm_head`` on a tied
+    model: each named module trains its own copy (``embed_tokens`` feeds the input only, ``lm_head`` the output
+    only) and the other keeps the original weight. Returns ``(model, params)`` with an untied ``lm_head``
+    initialised from the embedding (a copy), or unchanged when the rule does not apply (``ensure_weight_tying``
+    keeps one tied, trained weight)."""
+    import copy
+
+    cfg, spec = model.config, model.config.lora
+    if not (spec and {"embed_tokens", "lm_head"} & set(spec.modules_to_save) and cfg.tie_word_embeddings
+            and cfg.has_lm_head and not cfg.num_labels and not spec.ensure_weight_tying):
+        return model, params
+    hf = copy.deepcopy(model.hf_config) if model.hf_config is not None else None
+    if hf is not None:
+        hf.tie_word_embeddings = False
+    untied = CausalLM(cfg.replace(tie_word_embeddings=False), hf_config=hf, value_head=model.value_head)
+    sharding = _get_path(_shardings(untied, mesh, rules), ("lm_head", "kernel"))
+    kernel = jax.jit(lambda e: e.T, out_shardings=sharding)(params["embed_tokens"]["embedding"])
+    return untied, {**params, "lm_head": {"kernel": kernel}}
 
 
 def _kernel_of(model: CausalLM, params, module: tuple, in_shape: tuple):
@@ -218,6 +239,7 @@ def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None) -> 
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": None,
+        "ensure_weight_tying": spec.ensure_weight_tying,
     }
 
 
