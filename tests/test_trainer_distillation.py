@@ -174,3 +174,16 @@ def test_errors(tmp_path):
     m.config = m.config.replace(vocab_size=m.config.vocab_size + 1)
     with pytest.raises(ValueError, match="vocab_size.*shared vocabulary"):
         DistillationTrainer(STUDENT, teacher_model=(m, p), args=args, train_dataset=dataset(8))
+
+
+def test_teacher_is_frozen_in_the_compute_dtype_and_sharded_like_the_student(tmp_path):
+    tr = DistillationTrainer(STUDENT, teacher_model=STUDENT, train_dataset=dataset(16),
+                             args=make_args(tmp_path, bf16=True, mesh_shape=(1, jax.device_count(), 1),
+                                            per_device_train_batch_size=1))
+    tr._build(1)
+    teacher, student = tr.state.ref_params, tr.state.params
+    assert {x.dtype for x in jax.tree.leaves(teacher)} == {np.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(student)} == {np.dtype("float32")}
+    for t, s in zip(jax.tree.leaves(teacher), jax.tree.leaves(student), strict=True):
+        assert t.sharding.is_equivalent_to(s.sharding, t.ndim), (t.sharding, s.sharding)
+    assert any(len(set(s.sharding.spec) - {None}) for s in jax.tree.leaves(student))  # really sharded (fsdp)
