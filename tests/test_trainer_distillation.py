@@ -56,7 +56,7 @@ def run(tmp_path_factory):
     """Our on-policy run (checkpoint at step 2), recording each step's generation batch."""
     tmp = tmp_path_factory.mktemp("distill")
     tr = DistillationTrainer(STUDENT, teacher_model=TEACHER, train_dataset=dataset(),
-                             args=make_args(tmp / "ours", save_strategy="steps", save_steps=2))
+                             args=make_args(tmp / "ours", save_strategy="steps", save_steps=2, log_completions=True))
     assert tr.step_rows == ROWS * GA
     batches, inner = [], tr._batch_for_step
 
@@ -134,6 +134,11 @@ def test_on_policy_run_logs_trl_metrics(run):
     for b in run.batches:
         m = b["completion_mask"]
         assert np.all(np.diff(m, axis=1) <= 0) and np.all(m[:, 0] == 1)
+    import json
+
+    table = [json.loads(x) for x in open(run.tmp / "ours" / "completions.jsonl")]
+    assert [r["step"] for r in table] == [s for s in range(1, STEPS + 1) for _ in range(ROWS * GA)]
+    assert {"prompt", "completion"} <= set(table[0])
 
 
 def test_resume_and_save(run):
@@ -142,6 +147,8 @@ def test_resume_and_save(run):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         resumed.train(resume_from_checkpoint=True)
     assert int(resumed.state.step) == STEPS
+    table = open(run.tmp / "ours" / "completions.jsonl").read().splitlines()
+    assert len(table) == 2 * ROWS * GA  # cut back to the checkpoint (step 2); the resumed run did not log them
     for a, b in zip(jax.tree.leaves(run.tr.state.params), jax.tree.leaves(resumed.state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     # the teacher is never updated
@@ -187,3 +194,34 @@ def test_teacher_is_frozen_in_the_compute_dtype_and_sharded_like_the_student(tmp
     for t, s in zip(jax.tree.leaves(teacher), jax.tree.leaves(student), strict=True):
         assert t.sharding.is_equivalent_to(s.sharding, t.ndim), (t.sharding, s.sharding)
     assert any(len(set(s.sharding.spec) - {None}) for s in jax.tree.leaves(student))  # really sharded (fsdp)
+
+
+def test_lora_student(tmp_path):
+    """``peft_config`` goes to the shared loop: only the adapters train, the teacher stays a full model."""
+    from trl_jax.models.lora import LoraConfig
+
+    tr = DistillationTrainer(STUDENT, teacher_model=TEACHER, train_dataset=dataset(16),
+                             args=make_args(tmp_path, max_steps=1, gradient_accumulation_steps=1),
+                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        tr.train()
+    rec = [r for r in tr.log_history if "loss" in r][0]
+    assert np.isfinite(rec["loss"]) and rec["grad_norm"] > 0
+    assert tr.num_trainable_parameters < tr.num_parameters
+
+
+def test_cli_needs_a_teacher(tmp_path):
+    from trl_jax.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_name_or_path: {STUDENT}\ndataset_name: builtin:arithmetic_prompts\n"
+                   f"output_dir: {tmp_path / 'out'}\nbf16: false\nmax_steps: 1\n")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["distillation", "--config", str(cfg)]) == 2
+    assert "teacher model is required" in err.getvalue() and "teacher_model_name_or_path" in err.getvalue()
+    cfg.write_text(cfg.read_text() + "teacher_model_name_or_path: outputs/no-such-teacher\n")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["distillation", "--config", str(cfg)]) == 2
+    assert "no-such-teacher" in err.getvalue()

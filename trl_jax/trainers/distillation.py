@@ -46,7 +46,7 @@ from trl_jax.parallel.distributed import gather_to_host, is_main_process
 from trl_jax.train.checkpoint import as_path
 from trl_jax.train.precision import cast_floating
 from trl_jax.trainers.base import _DTYPES, BaseTrainer, LocalBatch, _dtype, prompt_columns, reject_unsupported
-from trl_jax.trainers.logging import AppendFile
+from trl_jax.trainers.logging import AppendFile, truncate_jsonl
 
 _PROMPT_BUCKET = 8
 
@@ -327,6 +327,13 @@ class DistillationTrainer(BaseTrainer):
             k = args.num_completions_to_print or len(self._table)
             for row in self._table[:k]:
                 print(json.dumps({"step": done, **row}, default=str), flush=True)
+
+    def _resume(self, resume_from_checkpoint, ckpt) -> int:
+        """Also cut ``completions.jsonl`` back to the step resumed from (a fresh run: empty)."""
+        start = super()._resume(resume_from_checkpoint, ckpt)
+        if is_main_process():
+            truncate_jsonl(as_path(self.args.output_dir) / "completions.jsonl", start)
+        return start
 
     # ------------------------------------------------------------------ eval
     def _eval_rows(self, ds, b: int, rows_per_batch: int) -> list[dict]:
