@@ -250,7 +250,8 @@ class DistillationTrainer(BaseTrainer):
         last = cids[np.arange(len(cids)), np.maximum(lengths - 1, 0)]
         truncated = ~np.isin(last, self.eos_token_ids + [self.pad_token_id])
         metrics = completion_metrics(lengths, truncated)
-        self._pending_tokens += float(prompt_mask.sum() + lengths.sum())
+        sl = self._local_rows(len(rows))  # this process's rows: the loop sums the counters over processes
+        self._pending_tokens += float(prompt_mask[sl].sum() + lengths[sl].sum())
         if self.args.log_completions and is_main_process():
             texts = decode_and_strip_padding(cids, self.processing_class, mask=cmask, think_start=None,
                                              think_end=None)
