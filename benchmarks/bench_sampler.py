@@ -137,6 +137,9 @@ def main() -> None:
     ap.add_argument("--num-generations", type=int, default=1, help="completions per prompt (shared prefill)")
     ap.add_argument("--decode-layout", default=None, choices=("auto", "replicated", "tensor"),
                     help="cast/reshard the weights for decoding first (default: use them as loaded)")
+    ap.add_argument("--lora", type=int, default=0,
+                    help="LoRA rank: also time sampling with adapters (all-linear) applied on the fly vs merged into "
+                         "the weights first (merge included in each call, as a rollout would pay it)")
     args = ap.parse_args()
     c = dict(PRESETS[args.preset])
     for k in ("batch", "prompt_len", "new_tokens", "layers", "repeats"):
@@ -189,6 +192,30 @@ def main() -> None:
          decode_tokens_per_s=B * (N - 1) / decode_s, ms_per_decode_step=1e3 * decode_s / (N - 1),
          first_call_s=compile_s)
 
+    if args.lora:
+        from trl_jax.models.lora import LoraConfig, merge_adapters, resolve_lora
+        from trl_jax.models.peft_io import add_adapters, with_lora
+
+        spec = resolve_lora(LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear",
+                                       init_lora_weights=False), model.config)  # random B: a trained adapter
+        lmodel, lparams = add_adapters(model, params, spec)
+        plain = with_lora(lmodel, None)
+        merge = jax.jit(lambda p: merge_adapters(p, spec, dtype=jnp.dtype(c["dtype"])))
+
+        def lora_run(merged):
+            def run():
+                m, p = (plain, merge(lparams)) if merged else (lmodel, lparams)
+                out = generate(m, p, ids_j, mask_j, key, max_new_tokens=N, temperature=1.0, pad_token_id=0,
+                               check_inputs=False, num_generations=G, decode_layout=args.decode_layout)
+                jax.block_until_ready(out)
+                return out
+            return run
+
+        for merged in (False, True):
+            t = _median_time(lora_run(merged), c["repeats"])
+            emit(impl="trl_jax_lora_" + ("merged" if merged else "on_the_fly"), lora_rank=args.lora, seconds=t,
+                 tokens_per_s=B * N / t, vs_base=t_full / t)
+
     if dev.platform == "gpu" or args.hbm_tbps:
         cfg = model.config
         w_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
@@ -213,7 +240,10 @@ def main() -> None:
 
     print("\n| impl | seconds | tokens/s | notes |\n|---|---|---|---|")
     for r in rows:
-        if r["impl"] in ("trl_jax", "transformers"):
+        if r["impl"].startswith("trl_jax_lora"):
+            print(f"| {r['impl']} (r={r['lora_rank']}) | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | "
+                  f"{r['vs_base']:.2f}x the base model's speed |")
+        elif r["impl"] in ("trl_jax", "transformers"):
             note = ""
             if r["impl"] == "trl_jax":
                 note = (f"prefill + first token {r['prefill_plus_first_s']:.3f} s; decode {r['decode_tokens_per_s']:.0f} "

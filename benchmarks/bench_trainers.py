@@ -8,7 +8,8 @@ Throughput: tokens (the logged ``num_tokens`` counter, identical on both sides) 
 ``--warmup`` and the log of the last step, divided by the wall time between them (compilation excluded).
 
 The same measurement for a user's own config (with the per-step parity check and a plot): ``trl-jax compare``
-(:mod:`trl_jax.compare`, which also builds the trainers for this script).
+(:mod:`trl_jax.compare`); this script builds its trainers with :func:`trl_jax.compare.build_jax_trainer` and
+:func:`trl_jax_compare.build_trl_trainer`.
 
 Presets:
 
@@ -22,6 +23,8 @@ Usage::
     python benchmarks/bench_trainers.py                         # CPU tiny, sft + dpo + kto
     python benchmarks/bench_trainers.py --preset qwen3-0.6b --trainers sft dpo --steps 20
     python benchmarks/bench_trainers.py --out results.md         # append the markdown table
+    python benchmarks/bench_trainers.py --preset qwen3-0.6b --trainers sft --lora 16   # LoRA r=16 (all-linear),
+                                                                  # TRL + peft vs trl_jax; trainable params reported
 """
 
 from __future__ import annotations
@@ -131,11 +134,16 @@ def _throughput(log_history, times, warmup):
     return tokens / dt, dt / (len(logs) - w)
 
 
-def worker_trl(kind, model_dir, p, steps, warmup):
+def _lora_kwargs(rank: int) -> dict:
+    """LoRA on every linear layer, alpha = 2r, no dropout (both sides)."""
+    return dict(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def worker_trl(kind, model_dir, p, steps, warmup, lora=0):
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
-    from trl_jax.compare import build_trl_trainer
+    from trl_jax_compare import build_trl_trainer
 
     gpu = torch.cuda.is_available()
     times = _Times(torch.cuda.synchronize if gpu else None)
@@ -145,7 +153,13 @@ def worker_trl(kind, model_dir, p, steps, warmup):
     kw = _config_kwargs(kind, p, steps, out)
     kw["model_init_kwargs"] = {"dtype": p["dtype"]}
     ds = make_dataset(kind, p, steps * _batch(kind, p))
-    trainer = build_trl_trainer(kind, model_dir, kw, ds, processing_class=tok, callbacks=[cb])
+    extra = {}
+    if lora:
+        import peft
+
+        extra["peft_config"] = peft.LoraConfig(**_lora_kwargs(lora))
+    trainer = build_trl_trainer(kind, model_dir, kw, ds, processing_class=tok, callbacks=[cb], **extra)
+    trainable = sum(q.numel() for q in trainer.model.parameters() if q.requires_grad)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -153,13 +167,13 @@ def worker_trl(kind, model_dir, p, steps, warmup):
     tps, step_s = _throughput(trainer.state.log_history, times.times, warmup)
     res = {"tokens_per_s": tps, "step_s": step_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "rss_before_train_mb": rss_before, "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
-           "final_loss": trainer.state.log_history[-2].get("loss")}
+           "final_loss": trainer.state.log_history[-2].get("loss"), "trainable_params": trainable}
     if gpu:
         res["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return res
 
 
-def worker_jax(kind, model_dir, p, steps, warmup):
+def worker_jax(kind, model_dir, p, steps, warmup, lora=0):
     import jax
 
     from trl_jax.compare import build_jax_trainer
@@ -173,14 +187,22 @@ def worker_jax(kind, model_dir, p, steps, warmup):
     kw["per_device_train_batch_size"] = _batch(kind, p) // n  # same global batch as TRL, data parallel
     kw.update(param_dtype=p["dtype"], compute_dtype=p["dtype"], remat_policy="none")
     ds = make_dataset(kind, p, steps * _batch(kind, p))
-    trainer = build_jax_trainer(kind, model_dir, kw, ds, callbacks=[times])
+    extra = {}
+    if lora:
+        from trl_jax.models.lora import LoraConfig
+
+        extra["peft_config"] = LoraConfig(**_lora_kwargs(lora))
+    trainer = build_jax_trainer(kind, model_dir, kw, ds, callbacks=[times], **extra)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainer.train()
     tps, step_s = _throughput(trainer.log_history, times.times, warmup)
     dev = jax.devices()[0]
     res = {"tokens_per_s": tps, "step_s": step_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "rss_before_train_mb": rss_before, "device": f"{dev.device_kind} x{n}",
-           "final_loss": [h for h in trainer.log_history if "loss" in h and "train_loss" not in h][-1]["loss"]}
+           "final_loss": [h for h in trainer.log_history if "loss" in h and "train_loss" not in h][-1]["loss"],
+           "trainable_params": getattr(trainer, "num_trainable_parameters", None)
+           or sum(x.size for x in jax.tree.leaves(trainer.state.params)),
+           "optimizer_state_mb": sum(x.nbytes for x in jax.tree.leaves(trainer.state.opt_state)) / 2 ** 20}
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         res["peak_device_mb"] = stats["peak_bytes_in_use"] / 2 ** 20
@@ -211,6 +233,7 @@ def main(argv=None):
                     help="CPU threads per side (torch.set_num_threads / XLA intra-op); default 1 for cpu-tiny, "
                          "because 2-thread OpenMP on shared cores stalls torch by 100x")
     ap.add_argument("--out", default=None, help="append the markdown report to this file")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (all-linear, alpha 2r) on both sides; 0 = full")
     ap.add_argument("--worker", nargs=3, metavar=("SIDE", "KIND", "MODEL_DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     p = PRESETS[a.preset]
@@ -222,7 +245,7 @@ def main(argv=None):
 
             torch.set_num_threads(threads)
         side, kind, model_dir = a.worker
-        res = (worker_trl if side == "trl" else worker_jax)(kind, model_dir, p, steps, warmup)
+        res = (worker_trl if side == "trl" else worker_jax)(kind, model_dir, p, steps, warmup, lora=a.lora)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
@@ -243,7 +266,7 @@ def main(argv=None):
                                             "intra_op_parallelism_threads=1").strip()
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--preset", a.preset, "--steps", str(steps),
-                                       "--threads", str(threads),
+                                       "--threads", str(threads), "--lora", str(a.lora),
                                        "--warmup", str(warmup), "--worker", side, kind, model_dir],
                                       capture_output=True, text=True, env=env)
                 wall = time.perf_counter() - t0

@@ -21,8 +21,8 @@ Usage::
     python benchmarks/parity_trainers.py --cases sft-adamw dpo-sgd --steps 5
     python benchmarks/parity_trainers.py --markdown out.md
 
-Importable: :func:`make_model_dir`, :func:`compare` (both from :mod:`trl_jax.compare`), :func:`make_dataset`,
-:func:`run_trl`, :func:`run_jax`, :func:`run_case`, ``CASES``.
+Importable: :func:`make_model_dir` (from :mod:`trl_jax_compare`), :func:`compare` (from :mod:`trl_jax.compare`),
+:func:`make_dataset`, :func:`run_trl`, :func:`run_jax`, :func:`run_case`, ``CASES``.
 """
 
 from __future__ import annotations
@@ -42,17 +42,17 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import numpy as np
 
-# The comparison, the tiny model directory and the trainer builders live in the package (`trl-jax compare`).
+# The comparison and the trl_jax trainer builder live in trl_jax (`trl-jax compare`); the TRL side (torch) -- the
+# TRL trainer builder and the tiny PyTorch model directory -- in trl_jax_compare, shipped with it.
 from trl_jax.compare import (  # noqa: F401 - re-exported for the tests and other scripts
     BOOKKEEPING,
     SUMMARY_KEYS,
     Comparison,
     build_jax_trainer,
-    build_trl_trainer,
     compare,
-    make_model_dir,
 )
 from trl_jax.compare import step_logs as _step_logs
+from trl_jax_compare import build_trl_trainer, make_model_dir  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------------- assets

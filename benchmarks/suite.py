@@ -26,7 +26,10 @@ GPU = [
     ("train_step", ["bench_train_step.py", "--mode", "gpu"], 50),
     ("trainers", ["bench_trainers.py", "--preset", "qwen3-0.6b", "--trainers", "sft", "dpo", "kto", "--steps", "12"],
      150),
+    ("trainers-lora", ["bench_trainers.py", "--preset", "qwen3-0.6b", "--trainers", "sft", "--lora", "16",
+                       "--steps", "12"], 90),
     ("sampler", ["bench_sampler.py", "--preset", "qwen3-0.6b", "--compare-transformers"], 60),
+    ("sampler-lora", ["bench_sampler.py", "--preset", "qwen3-0.6b", "--lora", "16"], 60),
     ("grpo", ["bench_grpo.py", "--preset", "gpu-qwen3-0.6b", "--steps", "3", "--warmup", "1"], 90),
 ]
 CPU = [

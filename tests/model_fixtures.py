@@ -35,9 +35,34 @@ ARCHS: dict[str, tuple[str, dict]] = {
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
 }
 
+# Gemma 2, Gemma 3 (text), Phi-3: tests/test_models_architectures.py. Windows (4) shorter than the test sequences;
+# soft-caps small enough to bite on random weights; Gemma 3 with a linear-scaled global RoPE and its own local base.
+_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
+             "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [2.0, 3.1, 4.5, 6.0]}
+NEW_ARCHS: dict[str, tuple[str, dict]] = {
+    "gemma2": ("Gemma2Config", dict(head_dim=16, num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=4,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        head_dim=16, num_hidden_layers=3, query_pre_attn_scalar=12, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=4.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+        tie_word_embeddings=True)),
+    # hidden 64 / 4 heads: head_dim 16, half of it rotated (4 longrope factors); original context 8 < test length
+    "phi3": ("Phi3Config", dict(hidden_size=64, max_position_embeddings=32, sliding_window=5,
+                                rope_parameters=dict(_LONGROPE, partial_rotary_factor=0.5),
+                                tie_word_embeddings=False, pad_token_id=0)),
+    # mixtures of experts: 4 experts, top 2 (Qwen3-MoE without renormalization, Mixtral always renormalizes)
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                         norm_topk_prob=False, tie_word_embeddings=False)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+                                      tie_word_embeddings=True)),
+}
+
 
 def make_config(name: str, **overrides):
-    cls_name, extra = ARCHS[name]
+    cls_name, extra = {**ARCHS, **NEW_ARCHS}[name]
     kw = {**BASE, **extra, **overrides}
     return getattr(transformers, cls_name)(**kw)
 

@@ -213,13 +213,18 @@ def test_not_supported_fields_are_errors_when_set(cls):
             cls(**base, **{f.name: _non_default(f)})
 
 
-def test_lora_fields_need_use_peft_and_quantization_is_refused_from_the_cli_config():
-    """`--lora_r 8` without `--use_peft true` would train the full model: refused, naming the fix; quantized
-    loading is refused; `use_peft` + `lora_*` become TRL's LoRA config."""
+def test_lora_fields_need_use_peft_and_quantization_needs_lora_from_the_cli_config():
+    """`--lora_r 8` without `--use_peft true` would train the full model: refused, naming the fix; 4-bit loading
+    needs LoRA, 8-bit and nested quantization are refused; `use_peft` + `lora_*` become TRL's LoRA config."""
     from trl_jax.models.lora import get_peft_config
 
-    with pytest.raises(ValueError, match="`load_in_4bit`=True.*quantized"):
-        C.load_config({"use_peft": "true", "lora_r": "8", "load_in_4bit": "true"}, C.SFTConfig)
+    with pytest.raises(ValueError, match="load_in_4bit.*use_peft: true"):
+        C.load_config({"load_in_4bit": "true"}, C.SFTConfig)
+    with pytest.raises(ValueError, match="`load_in_8bit`=True.*LLM.int8"):
+        C.load_config({"use_peft": "true", "load_in_8bit": "true"}, C.SFTConfig)
+    with pytest.raises(ValueError, match="`use_bnb_nested_quant`=True"):
+        C.load_config({"use_peft": "true", "load_in_4bit": "true", "use_bnb_nested_quant": "true"}, C.SFTConfig)
+    assert C.load_config({"use_peft": "true", "load_in_4bit": "true"}, C.SFTConfig).model_args.load_in_4bit
     for key in ("lora_alpha", "lora_dropout", "lora_target_modules", "use_dora"):
         with pytest.raises(ValueError, match=f"{key}.*use_peft: true"):
             C.load_config({key: "true" if key == "use_dora" else "1"}, C.SFTConfig)

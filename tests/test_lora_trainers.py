@@ -241,3 +241,117 @@ def test_lora_step_on_every_mesh_equals_one_device_and_skips_base_gradients(tmp_
                             logical_axes=full.model.logical_axes(), donate=False)
     full_cost = hlo_cost(fstep.lower(jax.eval_shape(lambda s: s, full.state), spec).compile())
     assert one["matmul_flops"] < 0.85 * full_cost["matmul_flops"], (one["matmul_flops"], full_cost["matmul_flops"])
+
+
+def _lora_trainer(kind, out, **extra):
+    """A LoRA trainer of ``kind`` on the built-in tiny model and shipped data (2 steps)."""
+    from trl_jax import configs as C
+    from trl_jax import trainers as T
+    from trl_jax.data.builtin import load_builtin_dataset
+    from trl_jax.models.lora import LoraConfig
+
+    common = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=2, bf16=False, mesh_shape=(1, 1, 1),
+                  report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, learning_rate=5e-2)
+    common.update(extra)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], lora_dropout=0.1)
+    model = "builtin:tiny-qwen3"
+
+    def reward(completions, **kw):
+        return [float(len(str(c))) for c in completions]
+
+    if kind == "sft":
+        return T.SFTTrainer(model, args=C.SFTConfig(max_length=32, **common), peft_config=lora,
+                            train_dataset=load_builtin_dataset("arithmetic_sft").select(range(16)))
+    if kind in ("kto", "reward"):
+        data = load_builtin_dataset("arithmetic_preference").select(range(16))
+        if kind == "kto":
+            return T.KTOTrainer(model, args=C.KTOConfig(max_length=32, **common), train_dataset=data, peft_config=lora)
+        return T.RewardTrainer(model, args=C.RewardConfig(max_length=256, **common), train_dataset=data,
+                               peft_config=lora)
+    prompts = load_builtin_dataset("arithmetic_prompts").select(range(16))
+    return T.OnlineDPOTrainer(model, reward_funcs=reward, train_dataset=prompts, peft_config=lora,
+                              args=C.OnlineDPOConfig(max_new_tokens=6, **common))
+
+
+@pytest.mark.parametrize("kind", ["kto", "online_dpo", "reward"])
+def test_lora_trains_only_adapters_in_every_trainer(kind, tmp_path):
+    from trl_jax.models.lora import is_adapter
+    from trl_jax.utils.trees import partition
+
+    tr = _lora_trainer(kind, tmp_path / "out")
+    before = jax.device_get(tr.params)
+    tr.train()
+    after = jax.device_get(tr.state.params)
+    assert tr.state.ref_params is None  # reference = the base with the adapters off (reward: no reference at all)
+    pred = tr._trainable_pred()
+    moved, fixed = partition(after, pred)
+    moved0, fixed0 = partition(before, pred)
+    jax.tree.map(np.testing.assert_array_equal, fixed, fixed0)  # the frozen base never moves
+    lora_b = [x for p, x in jax.tree_util.tree_leaves_with_path(moved) if "lora_b" in jax.tree_util.keystr(p)]
+    assert lora_b and all(np.abs(x).max() > 0 for x in lora_b)  # the adapters learned (B starts at zero)
+    assert all(np.isfinite(r["loss"]) for r in tr.log_history if "loss" in r)
+    out = tr.save_model(str(tmp_path / "saved"))
+    import json
+    cfg = json.load(open(f"{out}/adapter_config.json"))
+    assert cfg["r"] == 4 and cfg["task_type"] == ("SEQ_CLS" if kind == "reward" else "CAUSAL_LM")
+    if kind == "reward":  # PEFT's SEQ_CLS task trains and saves the score head in full
+        assert cfg["modules_to_save"] == ["score"]
+    del is_adapter
+
+
+def test_lora_resume_is_exact_and_an_adapter_dir_continues_training(tmp_path):
+    full = _lora_trainer("sft", tmp_path / "full", max_steps=4, save_strategy="steps", save_steps=2)
+    full.train()
+    want = [r["loss"] for r in full.log_history if "loss" in r]
+    # a fresh trainer resumes from the step-2 checkpoint: same steps 3-4 (dropout masks included)
+    import shutil
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "4")
+    resumed = _lora_trainer("sft", tmp_path / "cut", max_steps=4, save_strategy="steps", save_steps=2,
+                            resume_from_checkpoint=True)
+    resumed.train()
+    got = [r["loss"] for r in resumed.log_history if "loss" in r]
+    assert got[-2:] == want[-2:]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+                 jax.device_get(full.state.params))
+    # saved adapters as a model path: base + adapters load, and continue training from there
+    adapter = full.save_model(str(tmp_path / "adapter"))
+    from trl_jax.configs import SFTConfig
+    from trl_jax.data.builtin import load_builtin_dataset
+    from trl_jax.trainers import SFTTrainer
+
+    cont = SFTTrainer(adapter, args=SFTConfig(output_dir=str(tmp_path / "cont"), max_steps=1, bf16=False,
+                                              mesh_shape=(1, 1, 1), report_to="none", save_strategy="no",
+                                              per_device_train_batch_size=4, max_length=32, disable_tqdm=True),
+                      train_dataset=load_builtin_dataset("arithmetic_sft").select(range(8)))
+    assert cont.lora_spec.r == 4 and cont.lora_spec.targets[0] == ("q_proj", "up_proj")
+    jax.tree.map(np.testing.assert_allclose, jax.device_get(cont.params), jax.device_get(full.state.params))
+    merged = full.save_model(str(tmp_path / "merged"), merged=True)
+    import transformers
+    tm = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    import torch
+    ids = np.array([[3, 9, 14, 7, 21]], np.int32)
+    with torch.no_grad():
+        want_logits = tm(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(full.model.logits(full.state.params, ids)), want_logits, atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_lora_quickstart_config_runs_from_the_cli(tmp_path):
+    """configs/quickstart_sft_lora.yaml as shipped (use_peft + lora_* keys), shortened: the CLI trains adapters
+    and writes PEFT's adapter directory."""
+    import json
+
+    from trl_jax import cli
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "qs"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        rc = cli.main(["sft", "--config", str(root / "configs" / "quickstart_sft_lora.yaml"), "--max_steps", "2",
+                       "--model_name_or_path", "builtin:tiny-qwen3", "--output_dir", str(out),
+                       "--dataset_test_split", "none"])
+    assert rc in (0, None)
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"], cfg["modules_to_save"]) == \
+        (64, 64, "all-linear", ["embed_tokens"])
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()

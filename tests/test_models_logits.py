@@ -133,3 +133,24 @@ def test_bf16_within_bf16_tolerance(name, tmp_path):
     # bf16 has an 8-bit mantissa (relative step 2**-8 = 0.0039); errors compound over 2 layers and the logits matmul
     assert np.abs(out - ref)[valid].max() <= 0.03 * scale
     assert np.abs(out - ref)[valid].mean() <= 0.004 * scale
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])  # untied and tied embeddings
+def test_pad_token_lookups_send_no_gradient_to_the_pad_row_as_transformers(name, tmp_path):
+    """transformers builds the embedding with ``padding_idx=pad_token_id``: pad tokens that are attended (a sampled
+    pad, a pad inside a packed row) give the pad row no gradient through the lookup. Gradients equal torch's."""
+    tm = make_torch_model(name)
+    model, params = from_pretrained(save_torch_model(tm, tmp_path))
+    ids = np.array([[5, 0, 17, 0, 33, 8], [0, 21, 40, 2, 0, 9]], np.int32)  # pad id 0, every position attended
+    assert tm.config.pad_token_id == 0
+
+    def loss(p):
+        return jnp.sum(model.logits(p, ids) ** 2) * 1e-3
+
+    g = np.asarray(jax.grad(loss)(params)["embed_tokens"]["embedding"])
+    tm.zero_grad()
+    (tm(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.float() ** 2).sum().mul(1e-3).backward()
+    want = tm.model.embed_tokens.weight.grad.numpy()
+    np.testing.assert_allclose(g, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    if not tm.config.tie_word_embeddings:
+        assert np.abs(g[0]).max() == 0.0

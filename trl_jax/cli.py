@@ -156,6 +156,11 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     from trl_jax.models.lora import get_peft_config
 
     peft_config = get_peft_config(run.model_args)  # use_peft + lora_* (TRL's ModelConfig), as TRL's scripts
+    if run.model_args.load_in_4bit:  # TRL's get_quantization_config -> model_init_kwargs["quantization_config"]
+        kwargs = dict(args.model_init_kwargs or {}) if isinstance(args.model_init_kwargs, (dict, type(None))) else {}
+        kwargs["quantization_config"] = {"load_in_4bit": True,
+                                         "bnb_4bit_quant_type": run.model_args.bnb_4bit_quant_type}
+        args.model_init_kwargs = kwargs
     if command in ("grpo", "online-dpo"):
         from trl_jax.rewards import resolve_reward_funcs
 
@@ -245,6 +250,11 @@ def print_env() -> None:
     lines.append(f"backend: {jax.default_backend()}")
     lines.append(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
                  f"({jax.process_count()} process(es), {jax.local_device_count()} local)")
+    from trl_jax.models.config import SUPPORTED_ARCHITECTURES, SUPPORTED_ROPE_TYPES
+
+    lines.append("architectures: " + ", ".join(f"{mt} ({', '.join(classes)})"
+                                               for mt, classes in SUPPORTED_ARCHITECTURES.items()))
+    lines.append(f"rope types: {', '.join(SUPPORTED_ROPE_TYPES)}")
     print("\n".join(lines))
 
 
@@ -300,7 +310,7 @@ def _run(ns, extra) -> int:
     if ns.command == "env":
         print_env()
         return 0
-    if ns.command == "compare":  # trl-jax compare sft|dpo|kto --config x.yaml [--steps N] [--out DIR]
+    if ns.command == "compare":  # trl-jax compare sft|dpo|kto|grpo|online-dpo --config x.yaml [--steps N] [--out DIR]
         from trl_jax.compare import main as compare_main
 
         return compare_main(extra + (["--config", ns.config] if ns.config else []))

@@ -2,29 +2,45 @@
 
     trl-jax compare sft --config configs/quickstart_sft.yaml --steps 20 --out outputs/compare-sft
     trl-jax compare dpo --config my_dpo.yaml --model_name_or_path outputs/quickstart-sft   # --field value overrides
+    trl-jax compare grpo --config configs/quickstart_grpo.yaml --steps 5
+    trl-jax compare online-dpo --config configs/quickstart_online_dpo.yaml --steps 5
 
 Both sides get the same run: the same model directory (``builtin:`` models are materialised once as an HF
-directory both libraries load), the same training rows in the same order (``train_sampling_strategy`` is forced to
-``sequential``: TRL's ``SequentialSampler`` and trl_jax's sequential order agree; random shuffles would use
-different random streams), the same optimizer, schedule and hyperparameters (every field of the YAML that TRL's
+directory both libraries load), the same optimizer, schedule and hyperparameters (every field of the YAML that TRL's
 config also has), dropout off, ``logging_steps=1``, no saving, no evaluation. Each side trains in its own
 subprocess (so its peak memory is its own) on the devices this machine has: TRL on the first CUDA GPU if there is
 one (``CUDA_VISIBLE_DEVICES`` defaults to ``0`` so the HF Trainer does not wrap the model in ``DataParallel``), else
 the CPU; trl_jax on every accelerator it sees (data parallel, the global batch kept equal to TRL's when it divides)
 or on one CPU device.
 
+SFT / DPO / KTO: the same training rows in the same order (``train_sampling_strategy`` is forced to
+``sequential``: TRL's ``SequentialSampler`` and trl_jax's sequential order agree; random shuffles would use
+different random streams); the per-step logs of the two runs are compared.
+
+GRPO / online DPO sample their completions during training, and the two libraries draw them from different random
+streams, so their own runs cannot be compared value by value. Compared instead: the **step on the same
+completions**. trl_jax trains on the config and records every batch it samples (:mod:`trl_jax.compare_record`);
+TRL's own trainer is then fed exactly those prompt and completion tokens in place of its sampling and computes
+everything after sampling with its own code -- rewards, advantages (GRPO), pairs (online DPO), reference log-probs,
+the loss and its metrics -- and both take their optimizer steps, so the per-step loss curves on shared inputs are
+compared step by step. Throughput and memory are each library's own full loop, sampling included (TRL's run samples
+its own completions).
+
 The report: a per-step table of every metric both sides log (TRL value, trl_jax value, absolute and relative
 difference), a verdict (every value within ``--rtol`` relative / ``--atol`` absolute near zero, or the first step
 and metrics that diverge), then throughput (tokens/s over the steps after ``--warmup``, the first step -- which
 holds compilation -- timed apart), peak memory (torch's allocator vs JAX ``memory_stats()`` on accelerators, the
 process's peak RSS on CPU) and the trl_jax/TRL ratios. ``DIR/compare.json`` holds every value;
-``DIR/compare.png`` the two loss curves and the objective's main metric on shared axes, plus a throughput bar.
+``DIR/compare.png`` the two loss curves and the objective's main metrics on shared axes, plus a throughput bar.
 
 TRL and torch are not dependencies of trl_jax: ``pip install "trl-jax[compare]"`` (TRL, torch CPU, matplotlib).
-This module imports neither at import time; only the TRL worker subprocess does.
+Nothing under ``trl_jax/`` imports them: the TRL side is the ``trl_jax_compare`` package of the same distribution,
+run as a subprocess (``python -m trl_jax_compare.worker``).
 
-Reusable pieces (also used by ``benchmarks/parity_trainers.py``): :func:`step_logs`, :func:`compare`,
-:class:`Comparison`, :func:`make_model_dir`, :func:`build_trl_trainer`, :func:`build_jax_trainer`.
+The printed report and the plot are :mod:`trl_jax.compare_report`; the recording GRPO / online DPO trainers
+:mod:`trl_jax.compare_record`. Reusable pieces (also used by ``benchmarks/parity_trainers.py`` and
+``trl_jax_compare``): :func:`step_logs`, :func:`compare`, :class:`Comparison`, :func:`build_jax_trainer`,
+:class:`StepTimer`, :func:`load_run`.
 """
 
 from __future__ import annotations
@@ -45,28 +61,56 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from trl_jax.compare_report import format_report, plot_compare
 from trl_jax.configs import UsageError
 
-COMMANDS = ("sft", "dpo", "kto")
-UNSUPPORTED = {
-    cmd: (f"not supported yet: {cmd} samples its completions during training, and TRL (torch) and trl_jax (JAX) draw "
-          "them from different random streams, so their per-step logs cannot be compared value by value; the "
-          "step loss on the same completions is checked by tests/test_trainer_grpo.py's parity test "
-          "(and tests/test_trainer_online_dpo.py). `trl-jax compare` supports " + ", ".join(COMMANDS) + ".")
-    for cmd in ("grpo", "online-dpo")
-}
+COMMANDS = ("sft", "dpo", "kto", "grpo", "online-dpo")
+ONLINE = ("grpo", "online-dpo")  # trainers that sample during training: compared on trl_jax's samples
 EXTRA_HINT = 'pip install "trl-jax[compare]"'
 # Keys that are bookkeeping, not training numbers (never compared, but reported when only one side has them).
-BOOKKEEPING = {"epoch", "step", "train_tokens_per_second", "skipped_updates"}  # skipped_updates: trl_jax only
+BOOKKEEPING = {"epoch", "step", "train_tokens_per_second", "skipped_updates",  # skipped_updates: trl_jax only
+               "step_time"}  # TRL GRPO's wall time per step
 # Keys logged only at the end of TRL's run / trl_jax's run (summary rows), excluded from the per-step comparison.
 SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss",
                 "global_step"}
-# The objective's main metric, plotted next to the loss.
-MAIN_METRIC = {"sft": "mean_token_accuracy", "dpo": "rewards/margins", "kto": "rewards/margins",
-               "grpo": "reward", "online-dpo": "rewards/margins"}
+# The objective's main metrics, plotted next to the loss.
+MAIN_METRICS = {"sft": ["mean_token_accuracy"], "dpo": ["rewards/margins"], "kto": ["rewards/margins"],
+                "grpo": ["reward"], "online-dpo": ["rewards/margins", "objective/scores"]}
+# Shared metrics reported but not judged, with the documented reason.
+_PADDING_SUM = ("TRL sums it over every column of the generated block, padding after EOS included; trl_jax over "
+                "the completion tokens only (equal when no completion of a micro-batch ends before the others)")
+NOT_JUDGED = {"online-dpo": {k: _PADDING_SUM for k in ("objective/kl", "objective/entropy",
+                                                       "objective/non_score_reward", "objective/rlhf_reward")}}
 # Settings both sides are forced to (what makes the two runs comparable step by step).
 FORCED = {"logging_steps": 1, "train_sampling_strategy": "sequential", "save_strategy": "no", "eval_strategy": "no",
           "report_to": "none", "disable_tqdm": True, "push_to_hub": False}
+SAMPLING_NOTE = ("sampling differs: TRL and trl_jax draw completions from different random streams, so their own "
+                 "runs are not compared value by value. The per-step table compares the step on the SAME "
+                 "completions: trl_jax samples each batch with its policy, TRL's trainer is fed exactly those prompt "
+                 "+ completion tokens ({hook}) and computes {what} with its own code; both then take their "
+                 "optimizer steps. Throughput and memory are each library's own full loop, its own sampling "
+                 "included.")
+_HOOK = {"grpo": ("GRPOTrainer's rollout_func hook", "rewards, advantages, reference log-probs, _compute_loss and "
+                  "its metrics"),
+         "online-dpo": ("OnlineDPOTrainer._generate returns them", "rewards, chosen/rejected pairs, reference "
+                        "log-probs, the loss and its stats")}
+
+
+def forced_settings(command: str) -> dict:
+    """:data:`FORCED` for ``command`` (the sampling trainers keep their prompt order: TRL is fed trl_jax's)."""
+    if command in ONLINE:
+        return {k: v for k, v in FORCED.items() if k != "train_sampling_strategy"}
+    return dict(FORCED)
+
+
+def config_classes(command: str):
+    """``(trainer config class, script arguments class or None)`` of trl_jax for ``command``."""
+    from trl_jax import configs
+
+    cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig,
+           "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig}[command]
+    return cls, (configs.GRPOScriptArguments if command in ONLINE else None)
+
 
 _find_spec = importlib.util.find_spec  # module attribute, so tests can simulate a missing extra
 
@@ -89,37 +133,48 @@ class Comparison:
     only_trl: list = field(default_factory=list)
     only_jax: list = field(default_factory=list)
     curves: dict = field(default_factory=dict)  # key -> (trl values, jax values)
+    not_judged: list = field(default_factory=list)  # shared keys reported but left out of the verdict
+    floors: dict = field(default_factory=dict)  # key -> per-step absolute resolution used in the verdict
 
     def failures(self, rtol: float = 1e-3) -> dict:
-        return {k: v for k, v in self.max_rel.items() if not v <= rtol}
+        return {k: v for k, v in self.max_rel.items() if not v <= rtol and k not in self.not_judged}
 
     def ok(self, rtol: float = 1e-3) -> bool:
         return self.steps_trl == self.steps_jax and not self.failures(rtol) and not self.only_trl
 
     def first_divergence(self, rtol: float = 1e-3) -> tuple[int, list[str]] | None:
-        """``(1-based step, keys over tolerance there)`` of the first step where a shared key diverges."""
-        bad = {k: s for k, s in self.bad_steps.items() if s}
+        """``(1-based step, keys over tolerance there)`` of the first step where a judged shared key diverges."""
+        bad = {k: s for k, s in self.bad_steps.items() if s and k not in self.not_judged}
         if not bad:
             return None
         first = min(s[0] for s in bad.values())
         return first, sorted(k for k, s in bad.items() if s[0] == first)
 
 
-def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, atol: float = 1e-6) -> Comparison:
-    """Step-by-step comparison of every numeric key both sides log (bookkeeping keys excluded).
+def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, atol: float = 1e-6,
+            not_judged=(), floors: dict | None = None) -> Comparison:
+    """Step-by-step comparison of every numeric key both sides log (bookkeeping keys excluded); keys in
+    ``not_judged`` are compared and reported but do not count in the verdict.
 
     Error of a value: ``|jax - trl| / max(|trl|, atol / rtol)`` -- relative, except near zero where ``atol``
-    applies (e.g. DPO rewards at step 1 are exactly 0 on both sides). ``NaN`` on both sides counts as equal."""
+    applies (e.g. DPO rewards at step 1 are exactly 0 on both sides). ``NaN`` on both sides counts as equal.
+    ``floors``: key -> per-step absolute resolution of that metric (a difference within it counts as equal:
+    the denominator is at least ``floor / rtol``), see :func:`resolution_floors`."""
     out = Comparison(len(trl_logs), len(jax_logs))
     keys_trl, keys_jax = _logged_keys(trl_logs), _logged_keys(jax_logs)
     out.only_trl, out.only_jax = sorted(keys_trl - keys_jax), sorted(keys_jax - keys_trl)
+    out.not_judged = sorted(set(not_judged) & keys_trl & keys_jax)
+    out.floors = {k: list(v) for k, v in (floors or {}).items() if k in keys_trl & keys_jax}
     for k in sorted(keys_trl & keys_jax):
         a = np.array([_num(h.get(k)) for h in trl_logs])
         b = np.array([_num(h.get(k)) for h in jax_logs])
         n = min(len(a), len(b))
         a, b = a[:n], b[:n]
         both_nan = np.isnan(a) & np.isnan(b)
-        err = np.abs(b - a) / np.maximum(np.abs(a), atol / rtol)
+        denom = np.maximum(np.abs(a), atol / rtol)
+        if floors and k in floors:
+            denom = np.maximum(denom, np.nan_to_num(np.asarray(floors[k], float)[:n]) / rtol)
+        err = np.abs(b - a) / denom
         err = np.where(both_nan, 0.0, err)
         err = np.where(np.isnan(err), np.inf, err)
         out.max_rel[k] = float(err.max()) if n else float("nan")
@@ -127,6 +182,31 @@ def compare(trl_logs: list[dict], jax_logs: list[dict], *, rtol: float = 1e-3, a
         out.bad_steps[k] = [int(i) + 1 for i in np.nonzero(~(err <= rtol))[0]]
         out.curves[k] = (a.tolist(), b.tolist())
     return out
+
+
+ULP_FACTOR = 2.0 ** -20  # 8 ulps of fp32 (2^-23 relative each)
+
+
+def resolution_floors(command: str, trl_logs: list[dict]) -> tuple[dict, list[str]]:
+    """Per-step absolute floors of metrics whose fp32 resolution is set by larger terms, and the notes saying so.
+
+    Online DPO: ``rewards/chosen|rejected|margins`` are ``beta * (sum log pi - sum log pi_ref)``, differences of
+    two sums of ``|logps/*|`` nats: their fp32 resolution is a few ulps of ``beta * |logps|`` whatever their own
+    size (1e-3 rewards from 37-nat sums carry ~2e-6 of rounding), so an absolute error of 8 ulps of
+    ``beta * max(|logps/chosen|, |logps/rejected|)`` counts as equal. TRL logs its online DPO ``loss`` rounded to
+    4 decimals (``OnlineDPOTrainer._maybe_log_save_evaluate``): floor 5e-5."""
+    if command != "online-dpo":
+        return {}, []
+    scale = np.array([abs(_num(h.get("beta"))) * max(abs(_num(h.get("logps/chosen"))),
+                                                     abs(_num(h.get("logps/rejected")))) for h in trl_logs])
+    floor = ULP_FACTOR * scale
+    floors = {k: floor.tolist() for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")}
+    floors["loss"] = [5e-5] * len(trl_logs)
+    notes = ["rewards/chosen|rejected|margins: an absolute difference within 8 fp32 ulps of beta * |logps| (the "
+             "summed log-probs they are differences of; at most %.1e here) counts as equal" % float(
+                 np.nanmax(floor) if len(floor) else 0.0),
+             "loss: TRL logs online DPO's loss rounded to 4 decimals; a difference within 5e-5 counts as equal"]
+    return floors, notes
 
 
 def _logged_keys(logs: list[dict]) -> set[str]:
@@ -142,75 +222,10 @@ def _num(v) -> float:
         return float("nan")
 
 
-# ---------------------------------------------------------------------------------------------------- assets
-def make_model_dir(path: str, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
-                   initializer_range: float = 0.1, tie_word_embeddings: bool = False) -> str:
-    """Save a random fp32 PyTorch ``Qwen3ForCausalLM`` (``hidden_size``, ``num_layers``, no dropout) with trl_jax's
-    character tokenizer as an HF directory both sides load (needs torch: the ``compare`` extra)."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from trl_jax.assets import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    heads = max(hidden_size // 8, 2)
-    cfg = Qwen3Config(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-        head_dim=8, max_position_embeddings=256, initializer_range=initializer_range,
-        tie_word_embeddings=tie_word_embeddings, attention_dropout=0.0,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).to(torch.float32)
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------- trainers
-def _trl_classes(kind: str):
-    import trl
-
-    if kind == "sft":
-        return trl.SFTConfig, trl.SFTTrainer
-    if kind == "dpo":
-        return trl.DPOConfig, trl.DPOTrainer
-    if kind == "kto":
-        from trl.trainer.kto_config import KTOConfig
-        from trl.trainer.kto_trainer import KTOTrainer
-
-        return KTOConfig, KTOTrainer
-    raise ValueError(f"kind must be one of {COMMANDS}, got {kind!r}")
-
-
-def build_trl_trainer(kind: str, model, args_kwargs: dict, dataset, processing_class=None, callbacks=None):
-    """TRL's ``SFTTrainer`` / ``DPOTrainer`` / ``KTOTrainer`` for ``args_kwargs`` (fields of its config), with every
-    dropout of the policy (and reference) model switched off."""
-    import torch
-
-    cfg_cls, trainer_cls = _trl_classes(kind)
-    args = cfg_cls(**args_kwargs)
-    if processing_class is None and isinstance(model, str):
-        from transformers import AutoTokenizer
-
-        processing_class = AutoTokenizer.from_pretrained(model)
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processing_class,
-                          callbacks=callbacks)
-    for m in (getattr(trainer, "model", None), getattr(trainer, "ref_model", None)):
-        if m is None:
-            continue
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.Dropout):
-                mod.p = 0.0
-            for name in ("attention_dropout", "dropout", "hidden_dropout"):
-                if isinstance(getattr(mod, name, None), float):
-                    setattr(mod, name, 0.0)
-    return trainer
-
-
-def build_jax_trainer(kind: str, model, args_kwargs: dict, dataset, callbacks=None):
-    """trl_jax's trainer of ``kind`` for ``args_kwargs`` (fields of its config)."""
+def build_jax_trainer(kind: str, model, args_kwargs: dict, dataset, callbacks=None, **trainer_kwargs):
+    """trl_jax's trainer of ``kind`` for ``args_kwargs`` (fields of its config); ``trainer_kwargs`` (e.g.
+    ``peft_config``) go to the trainer."""
     from trl_jax.configs import DPOConfig, KTOConfig, SFTConfig
     from trl_jax.trainers import DPOTrainer, KTOTrainer, SFTTrainer
 
@@ -219,11 +234,11 @@ def build_jax_trainer(kind: str, model, args_kwargs: dict, dataset, callbacks=No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = cfg_cls(**args_kwargs)
-        return trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
+        return trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=callbacks, **trainer_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- workers
-class _Timer:
+class StepTimer:
     """Callback (both libraries call ``on_train_begin`` / ``on_log``): wall time of train start and of each step's
     log (after ``sync``, e.g. ``torch.cuda.synchronize``; trl_jax's log already waits for the step's values)."""
 
@@ -242,16 +257,17 @@ class _Timer:
         return control
 
 
-def _load_run(spec: dict):
+def load_run(spec: dict):
     """trl_jax's parse of the user's config + overrides + forced settings (also used by the TRL worker: it gives
     the coerced values, the model directory and the dataset both sides train on)."""
     from trl_jax import configs
 
-    cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig}[spec["command"]]
-    return configs.load_config(spec["config"] or {}, cls, spec["overrides"])
+    cls, script_cls = config_classes(spec["command"])
+    return configs.load_config(spec["config"] or {}, cls, spec["overrides"], script_cls=script_cls)
 
 
-def _explicit_keys(spec: dict) -> set[str]:
+def explicit_keys(spec: dict) -> set[str]:
+    """The fields the user set: the config file's keys and the overrides."""
     keys = set(spec["overrides"])
     if spec["config"]:
         import yaml
@@ -261,7 +277,8 @@ def _explicit_keys(spec: dict) -> set[str]:
     return keys
 
 
-def _dataset(run):
+def train_dataset(run):
+    """The run's training dataset, as the CLI loads it."""
     from trl_jax.cli import _datasets
 
     with contextlib.redirect_stderr(io.StringIO()):
@@ -269,65 +286,34 @@ def _dataset(run):
     return train
 
 
-def _rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _worker_trl(spec: dict) -> dict:
-    import dataclasses
+def _jax_trainer(spec: dict, run, dataset, timer):
+    from trl_jax import trainers as T
 
-    import torch
-    from transformers import TrainerCallback
-
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    run = _load_run(spec)
-    gpu = torch.cuda.is_available()
-    cfg_cls, _ = _trl_classes(spec["command"])
-    trl_fields = {f.name for f in dataclasses.fields(cfg_cls)}
-    jax_args = run.args
-    # Every field the user set that TRL's config also has, with trl_jax's coerced value.
-    kw = {k: getattr(jax_args, k) for k in _explicit_keys(spec) if k in trl_fields and hasattr(jax_args, k)}
-    kw.update({k: v for k, v in FORCED.items() if k in trl_fields})
-    kw.update(output_dir=spec["out_dir"], max_steps=jax_args.max_steps, dataloader_num_workers=0, seed=jax_args.seed)
-    if isinstance(kw.get("warmup_steps"), float) and kw["warmup_steps"].is_integer():
-        kw["warmup_steps"] = int(kw["warmup_steps"])
-    dtype = run.model_args.dtype if run.model_args.dtype not in (None, "auto") else "float32"
-    kw["model_init_kwargs"] = {**(kw.get("model_init_kwargs") or {}), "dtype": getattr(torch, dtype)}
-    if not gpu:
-        kw["use_cpu"] = True
-    kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
-    dataset = _dataset(run)
-    timer = _Timer(torch.cuda.synchronize if gpu else None)
-    cb = type("CompareTimer", (TrainerCallback,), {"on_train_begin": timer.on_train_begin, "on_log": timer.on_log})()
-    torch.manual_seed(jax_args.seed)
-    model_dir = run.model_args.model_name_or_path
+    command, model = spec["command"], run.model_args.model_name_or_path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = build_trl_trainer(spec["command"], model_dir, kw, dataset, callbacks=[cb])
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    t_call = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        trainer.train()
-    res = {"logs": step_logs(trainer.state.log_history), "t_call": t_call, "t_begin": timer.begin,
-           "times": timer.times, "peak_rss_mb": _rss_mb(),
-           "device": torch.cuda.get_device_name() if gpu else "cpu (torch, %d threads)" % torch.get_num_threads(),
-           "global_batch": kw.get("per_device_train_batch_size", 8) * kw.get("gradient_accumulation_steps", 1)}
-    if gpu:
-        res["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-        res["memory_kind"] = "torch.cuda.max_memory_allocated"
-    else:
-        res["memory_kind"] = "peak host RSS"
-    return res
+        if command in ONLINE:
+            from trl_jax.compare_record import recording_trainer_cls
+            from trl_jax.rewards import resolve_reward_funcs
+
+            funcs = resolve_reward_funcs(run.script_args.reward_funcs)
+            reward_model = run.script_args.reward_model_name_or_path or getattr(run.args, "reward_model_path", None)
+            if reward_model:
+                funcs.insert(0, reward_model)
+            return recording_trainer_cls(command)(model, reward_funcs=funcs, args=run.args, train_dataset=dataset,
+                                                  callbacks=[timer])
+        trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[command]
+        return trainer_cls(model, args=run.args, train_dataset=dataset, callbacks=[timer])
 
 
 def _worker_jax(spec: dict) -> dict:
     import jax
 
-    from trl_jax import trainers as T
-
-    run = _load_run(spec)
+    run = load_run(spec)
     args = run.args
     args.output_dir = spec["out_dir"]
     if run.model_args.dtype not in (None, "auto", "float32") and args.param_dtype == "float32":
@@ -343,18 +329,16 @@ def _worker_jax(spec: dict) -> dict:
             args.mesh_shape = (1, 1, 1)
             note = (f"batch {args.per_device_train_batch_size} does not divide over {n} devices: trl_jax ran on "
                     "one device")
-    dataset = _dataset(run)
-    timer = _Timer()
-    trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer}[spec["command"]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = trainer_cls(run.model_args.model_name_or_path, args=args, train_dataset=dataset, callbacks=[timer])
+    timer = StepTimer()
+    trainer = _jax_trainer(spec, run, train_dataset(run), timer)
     t_call = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
+    if spec.get("rollouts"):
+        trainer.save_records(spec["rollouts"])
     devs = trainer.mesh.devices.flatten().tolist() if hasattr(trainer, "mesh") else jax.devices()[:1]
     res = {"logs": step_logs(trainer.log_history), "t_call": t_call, "t_begin": timer.begin, "times": timer.times,
-           "peak_rss_mb": _rss_mb(), "device": f"{devs[0].device_kind} x{len(devs)} (jax {jax.default_backend()})",
+           "peak_rss_mb": peak_rss_mb(), "device": f"{devs[0].device_kind} x{len(devs)} (jax {jax.default_backend()})",
            "note": note}
     peaks = []
     for d in devs:
@@ -372,7 +356,9 @@ def _worker_jax(spec: dict) -> dict:
     return res
 
 
-def _worker_main(side: str, spec_path: str, result_path: str) -> int:
+def _worker_main(spec_path: str, result_path: str) -> int:
+    """The trl_jax side (``python -m trl_jax.compare --worker SPEC RESULT``); the TRL side is
+    ``python -m trl_jax_compare.worker SPEC RESULT``."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
@@ -382,7 +368,7 @@ def _worker_main(side: str, spec_path: str, result_path: str) -> int:
         datasets.disable_progress_bars()
     except ImportError:
         pass
-    res = (_worker_trl if side == "trl" else _worker_jax)(spec)
+    res = _worker_jax(spec)
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(res, f, default=float)
     return 0
@@ -390,8 +376,9 @@ def _worker_main(side: str, spec_path: str, result_path: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------- driver
 def check_reference_installed() -> None:
-    """Raise a :class:`UsageError` naming the extra to install when TRL or torch cannot be imported."""
-    missing = [m for m in ("torch", "trl") if _find_spec(m) is None]
+    """Raise a :class:`UsageError` naming the extra to install when TRL or torch (or the TRL side,
+    ``trl_jax_compare``) cannot be imported."""
+    missing = [m for m in ("torch", "trl", "trl_jax_compare") if _find_spec(m) is None]
     if missing:
         raise UsageError(f"`trl-jax compare` runs the config with TRL too, but {' and '.join(missing)} "
                          f"{'is' if len(missing) == 1 else 'are'} not installed: {EXTRA_HINT} "
@@ -426,7 +413,8 @@ def _run_worker(side: str, spec: dict, out_dir: str, env: dict) -> dict:
         os.remove(result_path)
     t0 = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run([sys.executable, "-m", "trl_jax.compare", "--worker", side, spec_path, result_path],
+        module = ["trl_jax_compare.worker"] if side == "trl" else ["trl_jax.compare", "--worker"]
+        proc = subprocess.run([sys.executable, "-m", *module, spec_path, result_path],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode or not os.path.exists(result_path):
@@ -459,8 +447,6 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
                 threads: int | None = None, plot: bool = True, echo=print) -> dict:
     """Run ``config`` with TRL and with trl_jax (each in a subprocess), compare, print, and write
     ``out_dir/compare.json`` (+ ``compare.png``). Returns the JSON's dict (``result["ok"]``: the verdict)."""
-    if command in UNSUPPORTED:
-        raise UsageError(UNSUPPORTED[command])
     if command not in COMMANDS:
         raise UsageError(f"compare: unknown trainer {command!r}; choose one of {', '.join(COMMANDS)}.")
     if config and not os.path.isfile(config):
@@ -473,14 +459,18 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
     from trl_jax import configs
     from trl_jax.cli import _model_id
 
-    cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig}[command]
+    cls, script_cls = config_classes(command)
+    forced = forced_settings(command)
     try:
-        user_sampling = configs.load_config(config or {}, cls, overrides).args.train_sampling_strategy
-        run = configs.load_config(config or {}, cls, {**overrides, **FORCED})
+        user_args = configs.load_config(config or {}, cls, overrides, script_cls=script_cls).args
+        run = configs.load_config(config or {}, cls, {**overrides, **forced}, script_cls=script_cls)
     except UsageError:
         raise
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
+    if command in ONLINE and not (run.script_args.reward_funcs or run.script_args.reward_model_name_or_path):
+        raise UsageError(f"compare {command}: set `reward_funcs` (built-in names or dotted import paths) in the "
+                         "config: TRL and trl_jax both call them on the same completions.")
     model = _model_id(run)
     from trl_jax.assets import resolve_model_path
 
@@ -491,23 +481,43 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
     n_steps = int(run.args.max_steps)
     warmup = warmup if warmup is not None else max(1, min(3, n_steps // 4))
     notes = []
-    if user_sampling not in (None, "sequential"):
+    user_sampling = getattr(user_args, "train_sampling_strategy", None)
+    if command not in ONLINE and user_sampling not in (None, "sequential"):
         notes.append(f"train_sampling_strategy {user_sampling!r} (the config's, or the default) replaced by "
                      "'sequential' on both sides: TRL and trl_jax shuffle with different random streams")
     os.makedirs(out_dir, exist_ok=True)
     out_dir = os.path.abspath(out_dir)
     base = {"command": command, "config": os.path.abspath(config) if config else None,
-            "overrides": {**overrides, **FORCED, "model_name_or_path": model_dir},
+            "overrides": {**overrides, **forced, "model_name_or_path": model_dir},
             "threads": threads}
-    notes.append("both sides: train_sampling_strategy=sequential, logging_steps=1, no saving/evaluation, "
-                 "dropout off (forced)")
+    if command in ONLINE:
+        base["rollouts"] = os.path.join(out_dir, "trl_jax_rollouts.json")
+        hook, what = _HOOK[command]
+        notes.insert(0, SAMPLING_NOTE.format(hook=hook, what=what))
+        notes.append(f"both sides: {', '.join(f'{k}={v}' for k, v in forced.items())}, dropout off (forced)")
+    else:
+        notes.append("both sides: train_sampling_strategy=sequential, logging_steps=1, no saving/evaluation, "
+                     "dropout off (forced)")
     echo(f"[compare] {command}: {n_steps} steps of {config or '(overrides only)'} on {model_dir}")
+    if command in ONLINE:
+        echo("[compare] sampling differs between TRL and trl_jax (different random streams): the step is compared "
+             "on trl_jax's sampled completions, fed to TRL's trainer")
     sides = {}
-    for side in ("trl", "trl_jax"):
+    # trl_jax first: the sampling trainers' TRL side replays the batches trl_jax recorded.
+    for side in ("trl_jax", "trl"):
         echo(f"[compare] running {'TRL (PyTorch)' if side == 'trl' else 'trl_jax (JAX)'} ...")
         spec = {**base, "out_dir": os.path.join(out_dir, f"{side}-run")}
         sides[side] = _run_worker(side, spec, out_dir, _side_env(side, threads))
-    cmp = compare(sides["trl"]["logs"], sides["trl_jax"]["logs"], rtol=rtol, atol=atol)
+    sides = {"trl": sides["trl"], "trl_jax": sides["trl_jax"]}
+    not_judged = NOT_JUDGED.get(command, {})
+    floors, floor_notes = resolution_floors(command, sides["trl"]["logs"])
+    cmp = compare(sides["trl"]["logs"], sides["trl_jax"]["logs"], rtol=rtol, atol=atol, not_judged=not_judged,
+                  floors=floors)
+    notes += floor_notes
+    for k in cmp.not_judged:
+        notes.append(f"{k} is reported but not judged: {not_judged[k]}")
+    if command in ONLINE:
+        notes += pad_token_notes(base["rollouts"])
     result = _summarise(command, config, cmp, sides, rtol=rtol, atol=atol, warmup=warmup, notes=notes,
                         n_steps=n_steps)
     if sides["trl_jax"].get("note"):
@@ -528,6 +538,25 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
     return result
 
 
+def pad_token_notes(rollouts_path: str) -> list[str]:
+    """A note when trl_jax sampled the pad token inside completions: HF models built with
+    ``nn.Embedding(padding_idx=pad_token_id)`` give that embedding row no gradient, trl_jax's model does, so that
+    step's gradient (and the parameters after it) may differ. A trained model rarely samples its pad token; a random
+    one does."""
+    with open(rollouts_path, encoding="utf-8") as f:
+        rec = json.load(f)
+    pad = rec.get("pad_token_id")
+    if pad is None:
+        return []
+    steps = sorted({b.get("step") for b in rec["batches"] if any(pad in c for c in b["completion_ids"])} - {None})
+    if not steps:
+        return []
+    return [f"the sampled completions of step(s) {', '.join(map(str, steps))} contain the pad token (id {pad}) as a "
+            "sampled token: a transformers model whose config sets pad_token_id embeds it with "
+            "nn.Embedding(padding_idx=pad_token_id), which gives that row no gradient; trl_jax's embedding gets one, "
+            "so the gradient norm of those steps, and the parameters after them, may differ"]
+
+
 def _summarise(command, config, cmp: Comparison, sides, *, rtol, atol, warmup, notes, n_steps) -> dict:
     first = cmp.first_divergence(rtol)
     ok = cmp.ok(rtol)
@@ -538,11 +567,16 @@ def _summarise(command, config, cmp: Comparison, sides, *, rtol, atol, warmup, n
         for k in sorted(cmp.max_rel):
             a, b = _num(trl_logs[i].get(k)), _num(jax_logs[i].get(k))
             d = abs(b - a)
-            rel = d / max(abs(a), atol / rtol) if not (math.isnan(a) and math.isnan(b)) else 0.0
+            den = max(abs(a), atol / rtol)
+            floor = cmp.floors.get(k)
+            if floor and i < len(floor) and not math.isnan(floor[i]):
+                den = max(den, floor[i] / rtol)
+            rel = d / den if not (math.isnan(a) and math.isnan(b)) else 0.0
             row["metrics"][k] = {"trl": a, "trl_jax": b, "abs_diff": d, "rel_diff": rel,
-                                 "ok": bool(rel <= rtol)}
+                                 "ok": bool(rel <= rtol), "judged": k not in cmp.not_judged}
         steps.append(row)
-    thr = {side: _throughput(sides[side], warmup) for side in sides}
+    # the sampling trainers' TRL side: the throughput of its own loop (own sampling), not of the replay
+    thr = {side: _throughput(sides[side].get("own_sampling", sides[side]), warmup) for side in sides}
     t_trl, t_jax = thr["trl"].get("tokens_per_s"), thr["trl_jax"].get("tokens_per_s")
     s_trl, s_jax = thr["trl"].get("step_s"), thr["trl_jax"].get("step_s")
     mem = {}
@@ -553,20 +587,30 @@ def _summarise(command, config, cmp: Comparison, sides, *, rtol, atol, warmup, n
     mem["compared"] = key if same_kind else "peak_rss_mb"
     mem["ratio_jax_over_trl"] = sides["trl_jax"].get(mem["compared"]) / sides["trl"][mem["compared"]] if sides[
         "trl"].get(mem["compared"]) else None
+    online = command in ONLINE
     return {
         "command": command, "config": config, "steps": n_steps, "rtol": rtol, "atol": atol, "warmup_steps": warmup,
+        "compared": ("per-step logs of the two runs on the same rows" if not online else
+                     "per-step logs on the same completions: trl_jax's sampled batches, replayed through TRL's "
+                     "trainer (sampling differs between the libraries: different random streams)"),
+        "sampling_differs": online,
+        "throughput_measured_on": "each library's own full training loop" + (", sampling included" if online
+                                                                             else ""),
         "ok": ok, "first_divergence": {"step": first[0], "keys": first[1]} if first else None,
         "steps_logged": {"trl": cmp.steps_trl, "trl_jax": cmp.steps_jax},
-        "only_trl": cmp.only_trl, "only_trl_jax": cmp.only_jax,
+        "only_trl": cmp.only_trl, "only_trl_jax": cmp.only_jax, "not_judged": cmp.not_judged,
+        "resolution_floors": cmp.floors,
         "max_rel": cmp.max_rel, "worst_step": cmp.worst_step, "bad_steps": cmp.bad_steps,
         "per_step": steps, "curves": {k: {"trl": v[0], "trl_jax": v[1]} for k, v in cmp.curves.items()},
-        "main_metric": MAIN_METRIC.get(command),
+        "main_metrics": MAIN_METRICS.get(command, []),
         "throughput": {**thr, "tokens_per_s_ratio": (t_jax / t_trl) if t_trl and t_jax else None,
                        "step_time_ratio": (s_trl / s_jax) if s_trl and s_jax else None},
         "memory": mem,
         "devices": {side: r["device"] for side, r in sides.items()},
         "process_wall_s": {side: r["process_wall_s"] for side, r in sides.items()},
         "logs": {side: r["logs"] for side, r in sides.items()},
+        **({"trl_own_sampling_logs": sides["trl"]["own_sampling"]["logs"]} if "own_sampling" in sides["trl"]
+           else {}),
         "notes": list(notes), "versions": _versions(),
     }
 
@@ -583,103 +627,8 @@ def _versions() -> dict:
     return out
 
 
-def _fmt(x, spec=".6g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def format_report(r: dict) -> str:
-    lines = [f"== trl-jax compare {r['command']}: TRL ({r['devices']['trl']}) vs trl_jax ({r['devices']['trl_jax']}), "
-             f"{r['steps']} steps =="]
-    keys = sorted(r["max_rel"])
-    w = max([len(k) for k in keys] + [6])
-    for row in r["per_step"]:
-        lines.append(f"step {row['step']}")
-        lines.append(f"  {'metric':<{w}}  {'TRL':>13}  {'trl_jax':>13}  {'abs diff':>10}  {'rel diff':>10}")
-        for k in keys:
-            m = row["metrics"][k]
-            flag = "" if m["ok"] else "  <-- over tolerance"
-            lines.append(f"  {k:<{w}}  {m['trl']:>13.6g}  {m['trl_jax']:>13.6g}  {m['abs_diff']:>10.2e}  "
-                         f"{m['rel_diff']:>10.2e}{flag}")
-    if r["only_trl"] or r["only_trl_jax"]:
-        lines.append(f"logged by TRL only: {', '.join(r['only_trl']) or '-'}; by trl_jax only: "
-                     f"{', '.join(r['only_trl_jax']) or '-'}")
-    tol = f"rtol {r['rtol']:g} (atol {r['atol']:g} near zero)"
-    if r["ok"]:
-        worst = max(keys, key=lambda k: r["max_rel"][k]) if keys else None
-        lines.append(f"VERDICT: within tolerance ({tol}) on all {len(keys)} shared metrics over {r['steps_logged']['trl']}"
-                     f" steps" + (f"; largest relative difference {r['max_rel'][worst]:.2e} ({worst}, step "
-                                  f"{r['worst_step'][worst]})" if worst else ""))
-    else:
-        fd = r["first_divergence"]
-        why = []
-        if fd:
-            why.append(f"first diverging step {fd['step']} ({', '.join(fd['keys'])})")
-        if r["steps_logged"]["trl"] != r["steps_logged"]["trl_jax"]:
-            why.append(f"logged steps differ (TRL {r['steps_logged']['trl']}, trl_jax {r['steps_logged']['trl_jax']})")
-        if r["only_trl"]:
-            why.append(f"metrics missing in trl_jax: {', '.join(r['only_trl'])}")
-        lines.append(f"VERDICT: NOT within tolerance ({tol}): " + "; ".join(why))
-    t = r["throughput"]
-    lines.append(f"throughput (steps after the first {r['warmup_steps']} warm-up steps; first step, with compilation, "
-                 "timed apart):")
-    for side, name in (("trl", "TRL"), ("trl_jax", "trl_jax")):
-        s = t[side]
-        lines.append(f"  {name:<8} tokens/s {_fmt(s['tokens_per_s'], '.1f'):>10}   s/step {_fmt(s['step_s'], '.4f'):>8}"
-                     f"   first step {_fmt(s['first_step_s'], '.2f')} s")
-    lines.append(f"  trl_jax / TRL: tokens/s {_fmt(t['tokens_per_s_ratio'], '.2f')}x, step-time speed-up "
-                 f"{_fmt(t['step_time_ratio'], '.2f')}x")
-    m = r["memory"]
-    for side, name in (("trl", "TRL"), ("trl_jax", "trl_jax")):
-        dev = m[side]["peak_device_mb"]
-        lines.append(f"  peak memory {name:<8} device: {_fmt(dev, '.0f') + ' MB' if dev is not None else 'unavailable'}"
-                     f" ({m[side]['kind']}); host RSS {m[side]['peak_rss_mb']:.0f} MB")
-    lines.append(f"  memory trl_jax / TRL ({'device' if m['compared'] == 'peak_device_mb' else 'host RSS'}): "
-                 f"{_fmt(m['ratio_jax_over_trl'], '.2f')}x")
-    for n in r["notes"]:
-        lines.append(f"note: {n}")
-    return "\n".join(lines)
-
-
-def plot_compare(r: dict, path: str) -> str:
-    """Loss curves (+ the objective's main metric) of both sides on shared axes, and a throughput bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = ["loss"] + [k for k in (r.get("main_metric"),) if k and k in r["curves"]]
-    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.4), dpi=80)
-    for ax, k in zip(axes, metrics):
-        c = r["curves"][k]
-        x = np.arange(1, len(c["trl"]) + 1)
-        ax.plot(x, c["trl"], "o-", color="#ee4c2c", label="TRL (PyTorch)", markersize=4)
-        ax.plot(x, c["trl_jax"], "x--", color="#3b6fd1", label="trl_jax (JAX)", markersize=5)
-        ax.set_xlabel("step")
-        ax.set_title(f"{k} (max rel. diff {r['max_rel'][k]:.1e})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax = axes[-1]
-    t = r["throughput"]
-    use_tokens = t["trl"]["tokens_per_s"] and t["trl_jax"]["tokens_per_s"]
-    vals = [t[s]["tokens_per_s"] if use_tokens else 1.0 / t[s]["step_s"] for s in ("trl", "trl_jax")]
-    bars = ax.bar(["TRL", "trl_jax"], vals, color=["#ee4c2c", "#3b6fd1"])
-    for b, v in zip(bars, vals):
-        ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center",
-                    va="bottom", fontsize=8)
-    ratio = vals[1] / vals[0] if vals[0] else float("nan")
-    ax.set_title(("tokens/s" if use_tokens else "steps/s") + f" after warm-up (trl_jax/TRL {ratio:.2f}x)", fontsize=9)
-    ax.set_xticks([0, 1], [f"TRL\n{r['devices']['trl']}"[:40], f"trl_jax\n{r['devices']['trl_jax']}"[:40]],
-                  fontsize=7)
-    fig.suptitle(f"trl-jax compare {r['command']}: {'within' if r['ok'] else 'NOT within'} rtol {r['rtol']:g}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------- CLI
-USAGE = "trl-jax compare sft|dpo|kto --config x.yaml [--steps N] [--out DIR] [--rtol R] [--field value ...]"
+USAGE = "trl-jax compare sft|dpo|kto|grpo|online-dpo --config x.yaml [--steps N] [--out DIR] [--rtol R] [--field value ...]"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -691,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     tolerance, 1 not within tolerance (a usage error raises :class:`UsageError`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
-        return _worker_main(*argv[1:4])
+        return _worker_main(*argv[1:3])
     from trl_jax.cli import _parse_overrides
 
     p = _Parser(prog="trl-jax compare", add_help=False)

@@ -96,8 +96,11 @@ TORCH_ONLY_FIELDS: frozenset[str] = frozenset(
     }
 )
 
-_QUANT = ("quantized (bitsandbytes) loading is not implemented yet: leave it unset; `param_dtype: bfloat16` halves "
-          "the memory of the weights")
+_QUANT8 = ("8-bit (LLM.int8) loading is not implemented: use `load_in_4bit: true` (QLoRA: NF4/FP4 base weights) "
+           "or leave it unset")
+_NESTED = ("nested (double) quantization of the 4-bit scales is not implemented: leave it off (the scales stay "
+           "fp32, 0.5 bit per weight)")
+_STORAGE = "the 4-bit codes are stored as uint8 (two per byte); leave bnb_4bit_quant_storage unset"
 _HUB = ("pushing to the Hub is not implemented: `save_model()` writes a Hugging Face directory, upload it with "
         "`hf upload`")
 _BEST = ("keeping the best checkpoint is not implemented: pick the step from log_history.jsonl and load "
@@ -106,8 +109,9 @@ _METRICS = "compute_metrics is not supported: evaluation reports the loss and th
 # Fields that would change the experiment but are not implemented yet: an error at construction when set to a
 # non-default value (so that a user who asked for LoRA does not silently get a full fine-tune), with what to do.
 NOT_SUPPORTED_FIELDS: dict[str, str] = {
-    **{name: _QUANT for name in ("load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
-                                 "bnb_4bit_quant_storage")},
+    "load_in_8bit": _QUANT8,
+    "use_bnb_nested_quant": _NESTED,
+    "bnb_4bit_quant_storage": _STORAGE,
     **{name: _HUB for name in ("push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
                                "hub_always_push", "hub_revision", "log_completions_hub_repo")},
     **{name: _BEST for name in ("load_best_model_at_end", "metric_for_best_model", "greater_is_better")},
@@ -124,7 +128,9 @@ NOT_SUPPORTED_FIELDS: dict[str, str] = {
     "include_num_input_tokens_seen": "`num_tokens` (cumulative) is logged with every record",
     "label_smoothing_factor": "label smoothing is not implemented",
     "restore_callback_states_from_checkpoint": "callback states are not saved in checkpoints",
-    "router_aux_loss_coef": "mixture-of-experts models are not supported",
+    "router_aux_loss_coef": ("leave it unset: SFT and GRPO add the checkpoint's router_aux_loss_coef x the "
+                             "load-balancing loss for mixture-of-experts models (TRL's default); other coefficients "
+                             "are not implemented"),
     "save_only_model": "checkpoints always hold the whole train state; save_model() writes the model alone",
     "trackio_space_id": "trackio logging is not implemented; use report_to tensorboard or wandb",
     "trackio_bucket_id": "trackio logging is not implemented; use report_to tensorboard or wandb",
@@ -1174,6 +1180,13 @@ class ModelConfig(_ConfigMixin):
             if lora_set:
                 raise ValueError(f"{', '.join(lora_set)} set without `use_peft: true`: they would be ignored and the "
                                  "whole model trained; set `use_peft: true` (LoRA) or remove them.")
+        if self.load_in_4bit and not self.use_peft:
+            raise ValueError("`load_in_4bit: true` (QLoRA) trains LoRA adapters on a frozen 4-bit base: set "
+                             "`use_peft: true` too; a 4-bit model cannot be trained in full.")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_4bit_quant_type {self.bnb_4bit_quant_type!r}: choose nf4 or fp4.")
+        if isinstance(self.lora_target_modules, list) and len(self.lora_target_modules) == 1:
+            self.lora_target_modules = self.lora_target_modules[0]  # TRL: one entry is a string (`all-linear`, regex)
         if self.lora_task_type not in ("CAUSAL_LM", "SEQ_CLS"):
             raise ValueError(f"lora_task_type {self.lora_task_type!r}: choose CAUSAL_LM or SEQ_CLS.")
 

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from trl_jax.train.precision import cast_floating
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -215,7 +217,7 @@ def prepare_decode_params(model, params, *, mesh: Mesh | None = None, layout: st
         def cast(p):
             if dt is None:
                 return p
-            return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
+            return cast_floating(p, dt)  # 4-bit scales (kernel_absmax) stay fp32
 
         shardings = None if mesh is None else decode_param_shardings(model, params, mesh, resolved)
         fn = jax.jit(cast, out_shardings=shardings)

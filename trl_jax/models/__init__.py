@@ -1,4 +1,4 @@
-"""Flax decoder models of the Llama family with HF safetensors in/out (see ``README_models``).
+"""Flax decoder models (Llama family, Gemma 2/3, Phi-3, Qwen3-MoE, Mixtral) with HF safetensors in/out (see ``README_models``).
 
 Public API::
 
@@ -19,7 +19,8 @@ from trl_jax.models.config import (
 from trl_jax.models.decoder import LOGICAL_AXIS_NAMES
 from trl_jax.models.flax_adapter import FlaxModelAdapter
 from trl_jax.models.hf_io import from_pretrained, save_pretrained, to_hf_config
-from trl_jax.models.model import CausalLM, value_head_apply
+from trl_jax.models.model import CausalLM, final_logit_softcapping, value_head_apply
+from trl_jax.models.moe import router_aux_loss, router_weights
 from trl_jax.models.sharding import DEFAULT_RULES, param_shardings, spec_for
 
 __all__ = [
@@ -31,9 +32,12 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_ROPE_TYPES",
     "config_from_hf",
+    "final_logit_softcapping",
     "from_pretrained",
     "load_hf_config",
     "param_shardings",
+    "router_aux_loss",
+    "router_weights",
     "save_pretrained",
     "segment_ids_from_attention_mask",
     "segment_ids_from_positions",

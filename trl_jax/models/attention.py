@@ -125,7 +125,7 @@ def _block(length: int) -> int:
     return next(b for b in _SPLASH_BLOCKS if length % b == 0)
 
 
-def _splash_kernel(num_heads: int, length: int, window: int | None, interpret: bool):
+def _splash_kernel(num_heads: int, length: int, window: int | None, interpret: bool, softcap: float | None = None):
     """A per-example kernel: ``q [N, T, H]``, ``k/v [K, T, H]`` (GQA by head groups), ``SegmentIds([T], [T])``.
 
     Causal (or causal within ``window``: key ``k`` visible from query ``q`` when ``q - window < k <= q``, as
@@ -142,17 +142,18 @@ def _splash_kernel(num_heads: int, length: int, window: int | None, interpret: b
                            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     # built per trace (its mask-info arrays become constants of the trace that asks; a cached kernel would leak them)
     return sa.make_splash_mha_single_device(sa.MultiHeadMask([head_mask] * num_heads), block_sizes=blocks,
-                                            interpret=interpret)
+                                            interpret=interpret, attn_logits_soft_cap=softcap)
 
 
 def splash_attention(q, k, v, segment_ids, *, scale: float, window: int | None = None,
-                     interpret: bool | None = None) -> jnp.ndarray:
+                     interpret: bool | None = None, softcap: float | None = None) -> jnp.ndarray:
     """Self-attention through the Pallas splash kernel: ``q [B, T, N, H]``, ``k/v [B, T, K, H]`` (the same ``T``
     tokens, at slots ``0..T-1``), ``segment_ids [B, T]`` (0 = padding) -> ``[B, T, N, H]``.
 
     The mask is :func:`build_mask`'s (and :func:`window_mask`'s with a static ``window``): causal within a segment,
     padding keys invisible, a padding query seeing only itself (each padding slot gets a segment of its own). ``T``
-    is padded up to a multiple of 128 with such one-slot segments. ``q`` is scaled before the kernel. Per-example
+    is padded up to a multiple of 128 with such one-slot segments. ``q`` is scaled before the kernel (which then
+    soft-caps the scores by ``softcap`` when given, as transformers' Gemma 2 does after scaling). Per-example
     kernels are vmapped over the batch; under :func:`trl_jax.parallel.rules.activation_sharding` the call runs in
     ``jax.shard_map`` over the batch axes (and the heads over ``tensor`` where both head counts divide), so SPMD
     partitioning never sees the kernel.
@@ -173,7 +174,7 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, window: int | None =
     def local(qt, kt, vt, seg):
         from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
-        kernel = _splash_kernel(qt.shape[1], length, window, bool(interpret))
+        kernel = _splash_kernel(qt.shape[1], length, window, bool(interpret), softcap)
         return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(s1, s1)))(qt, kt, vt, seg)
 
     mesh = active_mesh()
@@ -199,7 +200,8 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, window: int | None =
     return jnp.swapaxes(out[:, :, :t], 1, 2).astype(q.dtype)
 
 
-def attend(q, k, v, mask, *, scale: float, impl: str = "auto", segment_ids=None, window=None) -> jnp.ndarray:
+def attend(q, k, v, mask, *, scale: float, impl: str = "auto", segment_ids=None, window=None,
+           softcap: float | None = None) -> jnp.ndarray:
     """``q [B, T, N, H]``, ``k/v [B, S, K, H]`` (GQA: K divides N), ``mask [B, 1, T, S]`` -> ``[B, T, N, H]``.
 
     ``impl``: ``"xla"``; ``"cudnn"`` (GPU; an error if cuDNN refuses); ``"splash"`` (the Pallas TPU kernel, see
@@ -211,9 +213,17 @@ def attend(q, k, v, mask, *, scale: float, impl: str = "auto", segment_ids=None,
     :data:`TRACED_WINDOW` when only ``mask`` carries it) describe ``mask`` for kernels that build their own: pass
     them only when the queries and keys are the same ``T`` tokens at slots ``0..T-1`` (forward passes without a
     cache); ``mask`` must then equal ``build_mask(slots, slots, segment_ids, segment_ids)`` (and the window mask).
+
+    ``softcap``: scaled scores become ``softcap * tanh(scores / softcap)`` before the mask (Gemma 2); the splash
+    kernel and XLA take it, cuDNN does not (such calls run on XLA).
     """
     if _use_splash(impl, q, k, segment_ids, window):
-        return splash_attention(q, k, v, segment_ids, scale=scale, window=None if window is None else int(window))
+        return splash_attention(q, k, v, segment_ids, scale=scale, window=None if window is None else int(window),
+                                softcap=softcap)
+    if softcap is not None:
+        if impl == "cudnn":
+            _warn_once(("cudnn", "softcap"), "cuDNN attention takes no logit soft-capping; using XLA attention.")
+        return xla_attention(q, k, v, mask, scale=scale, softcap=softcap)
     if _use_cudnn(impl, q):
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
@@ -240,13 +250,16 @@ def _warn_fallback(q, err) -> None:
         "to silence this, or 'cudnn' to make it an error.", q.shape, q.dtype, type(err).__name__, err)
 
 
-def xla_attention(q, k, v, mask, *, scale: float) -> jnp.ndarray:
+def xla_attention(q, k, v, mask, *, scale: float, softcap: float | None = None) -> jnp.ndarray:
     """Dense attention as transformers' eager path computes it: scores in the input dtype, softmax in fp32,
-    probabilities cast back to the value dtype, so under bf16 both matmuls (and their gradients) are bf16."""
+    probabilities cast back to the value dtype, so under bf16 both matmuls (and their gradients) are bf16.
+    ``softcap``: ``softcap * tanh(scaled scores / softcap)`` before the mask (fp32)."""
     b, t, n, h = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, n // kv, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).astype(q.dtype).reshape(b, t, n, h)

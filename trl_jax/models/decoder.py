@@ -1,4 +1,9 @@
-"""The Flax (linen) decoder of the Llama family: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3.
+"""The Flax (linen) decoder: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3.
+
+Gemma's layers add ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` and use
+``post_attention_layernorm`` on the attention output (``ModelConfig.sandwich_norms``), with ``(1 + w)`` norms.
+Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` checkpoint tensors are split into the q/k/v and gate/up params below
+(see ``hf_io``).
 
 Parameter tree (HF names, linen leaves; logical axis names in brackets; ``layers`` leading axis when scanned)::
 
@@ -10,12 +15,18 @@ Parameter tree (HF names, linen leaves; logical axis names in brackets; ``layers
       self_attn/k_proj/kernel         [D, K, Hd]        (embed, kv_heads, head_dim)   bias [K, Hd]
       self_attn/v_proj/kernel         [D, K, Hd]        (embed, kv_heads, head_dim)   bias [K, Hd]
       self_attn/o_proj/kernel         [N, Hd, D]        (heads, head_dim, embed)      bias [D]
-      self_attn/q_norm/scale          [Hd]              (head_dim,)   Qwen3 only
-      self_attn/k_norm/scale          [Hd]              (head_dim,)   Qwen3 only
+      self_attn/q_norm/scale          [Hd]              (head_dim,)   Qwen3, Gemma 3
+      self_attn/k_norm/scale          [Hd]              (head_dim,)   Qwen3, Gemma 3
       post_attention_layernorm/scale  [D]               (embed,)
+      pre_feedforward_layernorm/scale [D]               (embed,)      Gemma only
+      post_feedforward_layernorm/scale [D]              (embed,)      Gemma only
       mlp/gate_proj/kernel            [D, F]            (embed, mlp)
       mlp/up_proj/kernel              [D, F]            (embed, mlp)
       mlp/down_proj/kernel            [F, D]            (mlp, embed)
+      mlp/gate/kernel                 [D, E]            (embed, expert)        mixture of experts: the router
+      mlp/gate_proj/kernel            [D, E, Fe]        (embed, expert, mlp)   ... and E experts in place of the
+      mlp/up_proj/kernel              [D, E, Fe]        (embed, expert, mlp)       dense MLP kernels above
+      mlp/down_proj/kernel            [E, Fe, D]        (expert, mlp, embed)
     norm/scale                        [D]               (embed,)
     lm_head/kernel                    [D, V]            (embed, vocab)   untied causal LMs only
     score/kernel                      [D, num_labels]   (embed, labels)  sequence classification only
@@ -31,13 +42,14 @@ import jax
 import jax.numpy as jnp
 
 from trl_jax.models.attention import attend, build_mask, static_window, window_mask
-from trl_jax.models.config import ModelConfig
+from trl_jax.models.config import NO_WINDOW, ModelConfig
 from trl_jax.models.lora import LoraDenseGeneral
-from trl_jax.models.rope import apply_rope, rope_cos_sin
+from trl_jax.models.moe import router_weights
+from trl_jax.models.rope import apply_rope, layer_cos_sin, rope_cos_sin
 from trl_jax.parallel.rules import constrain
 
-LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "labels", "value",
-                      "lora_rank")
+LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "layers", "labels",
+                      "value", "lora_rank")
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -69,18 +81,37 @@ _MLP = ("activation_batch", "activation_length", "activation_mlp")
 
 
 class RMSNorm(nn.Module):
-    """HF RMSNorm: normalize in fp32, cast back to the input dtype, multiply by the weight."""
+    """HF RMSNorm: normalize in fp32, cast back to the input dtype, multiply by the weight.
+
+    ``unit_offset`` (Gemma): the weight is stored as ``w`` and applied as ``(1 + w)``, multiplied in fp32 before the
+    cast back (``Gemma2RMSNorm``: ``(x * (1 + w)).to(dtype)`` where Llama does ``w * x.to(dtype)``)."""
 
     eps: float
     param_dtype: jnp.dtype
     axis_name: str = "embed"
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", _p(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = self.param("scale", _p(init, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, name=None, axis_name: str = "embed") -> RMSNorm:
+    """The model's RMSNorm (Gemma's ``(1 + w)`` form where the config says so)."""
+    return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, axis_name, cfg.norm_unit_offset, name=name)
+
+
+def _embed_scale(cfg: ModelConfig, x):
+    """Gemma's ``embed_tokens(ids) * sqrt(hidden_size)``, the multiplier cast to the compute dtype first."""
+    if cfg.embedding_multiplier is None:
+        return x
+    return x * jnp.asarray(cfg.embedding_multiplier, x.dtype)
 
 
 def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, layer=None):
@@ -98,7 +129,11 @@ def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, laye
         lora=cfg.lora,
         lora_init=cfg.lora is not None and cfg.lora.adapts(name, layer),
         kernel_axes=tuple(axes),
+        quant=cfg.quantization if name in _QUANTIZED else None,
     )
+
+
+_QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # bnb: all but heads
 
 
 class Attention(nn.Module):
@@ -114,8 +149,8 @@ class Attention(nn.Module):
         k = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="k_proj", layer=li)(x)
         v = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="v_proj", layer=li)(x)
         if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim", name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim", name="k_norm")(k)
+            q = _norm(c, "q_norm", "head_dim")(q)
+            k = _norm(c, "k_norm", "head_dim")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, _HEADS)
         k, v = constrain(k, _KV_HEADS), constrain(v, _KV_HEADS)
@@ -128,8 +163,8 @@ class Attention(nn.Module):
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
         # segment ids (forward passes without a cache) let kernels that build their own mask (splash) run
         seg = segment_ids if kv is None else None
-        out = attend(q, k, v, mask, scale=Hd**-0.5, impl=c.attention_impl, segment_ids=seg,
-                     window=static_window(c.sliding_windows))
+        out = attend(q, k, v, mask, scale=c.attention_scale, impl=c.attention_impl, segment_ids=seg,
+                     window=static_window(c.sliding_windows), softcap=c.attn_logit_softcapping)
         out = _dense(D, ("heads", "head_dim", "embed"), use_bias=c.o_bias, cfg=c, name="o_proj", axis=(-2, -1),
                      bias_axes=("embed",), layer=li)(out)
         return out, new_kv
@@ -148,8 +183,48 @@ class MLP(nn.Module):
         return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj", layer=li)(hidden)
 
 
+class SparseMoE(nn.Module):
+    """Top-k mixture of experts (Qwen3-MoE, Mixtral), dense dispatch (see :mod:`trl_jax.models.moe`): ``x [B, T, D]``
+    -> ``sum_e w_e * down_e(act(gate_e(x)) * up_e(x))`` with ``w`` the routing weights ``[B, T, E]``. The router
+    logits ``[B, T, E]`` are sown as ``intermediates/router_logits`` (for the load-balancing loss)."""
+
+    cfg: ModelConfig
+    layer: int | None = None  # set when layers are unrolled
+
+    @nn.compact
+    def __call__(self, x):
+        c, li = self.cfg, self.layer
+        E, F = c.num_experts, c.moe_intermediate_size
+        logits = _dense(E, ("embed", "expert"), use_bias=False, cfg=c, name="gate", layer=li)(x)
+        self.sow("intermediates", "router_logits", logits)
+        w = router_weights(logits, c.num_experts_per_tok, normalize=c.norm_topk_prob)
+        g = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="gate_proj", layer=li)(x)
+        u = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="up_proj", layer=li)(x)
+        h = _act(c.hidden_act)(g) * u * w[..., None].astype(g.dtype)  # weighting before down_e is linear in h
+        return _dense(c.hidden_size, ("expert", "mlp", "embed"), use_bias=False, cfg=c, name="down_proj",
+                      axis=(-2, -1), bias_axes=("embed",), layer=li)(h)
+
+
+def _mlp_cls(cfg: ModelConfig):
+    """The layer's feed-forward block: experts where the config has them, else the gated MLP."""
+    return SparseMoE if cfg.num_experts else MLP
+
+
+def _residual_blocks(cfg: ModelConfig, norm, x, attention, mlp):
+    """The two residual blocks of a layer around ``attention(h)`` and ``mlp(h)`` (``norm(name)`` gives the named
+    norm): pre-norm (Llama family, Phi-3), or Gemma's sandwich (a norm before and after each block, where
+    ``post_attention_layernorm`` normalizes the attention output and ``pre_feedforward_layernorm`` is the pre-MLP
+    norm). Returns ``(x, attention's extra output)``."""
+    a, extra = attention(norm("input_layernorm")(x))
+    if cfg.sandwich_norms:
+        x = x + norm("post_attention_layernorm")(a)
+        return x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x))), extra
+    x = x + a
+    return x + mlp(norm("post_attention_layernorm")(x)), extra
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm block. ``x [B, T, D]``; ``window`` None or a scalar; ``kv`` None or ``(k, v) [B, S, K, Hd]``."""
+    """One block. ``x [B, T, D]``; ``window`` None or a scalar; ``kv`` None or ``(k, v) [B, S, K, Hd]``."""
 
     cfg: ModelConfig
     layer: int | None = None  # set when layers are unrolled
@@ -158,13 +233,13 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, cos, sin, base_mask, segment_ids, q_slots, kv_slots, cache_index, window, kv):
         c = self.cfg
         mask = base_mask if window is None else base_mask & window_mask(q_slots, kv_slots, window)
+        cos, sin = layer_cos_sin(cos, sin, window, NO_WINDOW)
         x = constrain(x, _EMBED)  # block boundary: batch over (data, fsdp), the model dimension whole
-        h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="input_layernorm")(x)
-        a, new_kv = Attention(c, self.layer, name="self_attn")(h, cos, sin, mask, kv, cache_index, segment_ids)
-        x = x + a
-        h = RMSNorm(c.rms_norm_eps, c.param_dtype, name="post_attention_layernorm")(x)
-        x = constrain(x + MLP(c, self.layer, name="mlp")(h), _EMBED)
-        return x, new_kv
+        attn = Attention(c, self.layer, name="self_attn")
+        x, new_kv = _residual_blocks(
+            c, lambda name: _norm(c, name), x, lambda h: attn(h, cos, sin, mask, kv, cache_index, segment_ids),
+            _mlp_cls(c)(c, self.layer, name="mlp"))
+        return constrain(x, _EMBED), new_kv
 
 
 def _remat(cls, cfg: ModelConfig):
@@ -194,7 +269,7 @@ class Decoder(nn.Module):
         if c.scan_layers:
             self.layers = nn.scan(
                 layer_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * 7 + (0, 0),
                 length=c.num_hidden_layers,
@@ -202,7 +277,7 @@ class Decoder(nn.Module):
             )(c)
         else:
             self.layers = [layer_cls(c, i, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, c.param_dtype)
+        self.norm = _norm(c)
         if c.has_lm_head and not c.tie_word_embeddings:
             self.lm_head = nn.DenseGeneral(
                 c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
@@ -220,7 +295,12 @@ class Decoder(nn.Module):
                  cache=None, cache_index=None):
         """Final-norm hidden states ``[B, T, D]`` and the updated ``(k, v)`` cache (``None`` without a cache)."""
         c = self.cfg
-        x = self.embed_tokens(input_ids).astype(c.dtype)
+        x = self.embed_tokens(input_ids)
+        if c.pad_token_id is not None:
+            # transformers' nn.Embedding(padding_idx=pad_token_id): a pad token's lookup sends no gradient to the
+            # pad row (a sampled or packed pad token must not train it); tied heads still reach it as logits
+            x = jnp.where((input_ids == c.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
+        x = _embed_scale(c, x.astype(c.dtype))
         cos, sin = rope_cos_sin(c, positions, c.dtype)
         base_mask = build_mask(q_slots, kv_slots, q_segment_ids, kv_segment_ids)
         windows = jnp.asarray(c.window_array(), jnp.int32) if c.has_sliding_window else None
@@ -283,7 +363,8 @@ def init_decode_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) ->
 
 def _decode_layer(cfg: ModelConfig, p, x, cos, sin, mask, k_all, v_all, layer, index):
     """One decoder layer on ``x [B, T, D]``: writes its T keys/values into ``k_all/v_all [L, B, S, K, Hd]`` at
-    ``(layer, :, index)`` and attends over that layer's ``S`` slots (``mask [B, 1, T, S]``)."""
+    ``(layer, :, index)`` and attends over that layer's ``S`` slots (``mask [B, 1, T, S]``); ``cos/sin`` are this
+    layer's table ``[B, T, rotary_dim]``."""
     c = cfg
     N, K, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
     a = p["self_attn"]
@@ -292,24 +373,28 @@ def _decode_layer(cfg: ModelConfig, p, x, cos, sin, mask, k_all, v_all, layer, i
         return _dense(features, axes, use_bias=use_bias, cfg=c, name=None, axis=axis,
                       bias_axes=bias_axes).apply({"params": params}, inp)
 
-    h = RMSNorm(c.rms_norm_eps, c.param_dtype).apply({"params": p["input_layernorm"]}, x)
-    q = dense(h, (N, Hd), ("embed", "heads", "head_dim"), c.qkv_bias, a["q_proj"])
-    k = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["k_proj"])
-    v = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["v_proj"])
-    if c.qk_norm:
-        q = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim").apply({"params": a["q_norm"]}, q)
-        k = RMSNorm(c.rms_norm_eps, c.param_dtype, "head_dim").apply({"params": a["k_norm"]}, k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    at = (layer, 0, index, 0, 0)
-    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-    _, B, S, _, _ = k_all.shape
-    kc = jax.lax.dynamic_slice(k_all, (layer, 0, 0, 0, 0), (1, B, S, K, Hd))[0].astype(q.dtype)
-    vc = jax.lax.dynamic_slice(v_all, (layer, 0, 0, 0, 0), (1, B, S, K, Hd))[0].astype(q.dtype)
-    out = attend(q, kc, vc, mask, scale=Hd**-0.5, impl=c.attention_impl)
-    x = x + dense(out, D, ("heads", "head_dim", "embed"), c.o_bias, a["o_proj"], axis=(-2, -1), bias_axes=("embed",))
-    h = RMSNorm(c.rms_norm_eps, c.param_dtype).apply({"params": p["post_attention_layernorm"]}, x)
-    x = x + MLP(c).apply({"params": p["mlp"]}, h)
+    def attention(h):
+        q = dense(h, (N, Hd), ("embed", "heads", "head_dim"), c.qkv_bias, a["q_proj"])
+        k = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["k_proj"])
+        v = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["v_proj"])
+        if c.qk_norm:
+            q = _norm(c, None, "head_dim").apply({"params": a["q_norm"]}, q)
+            k = _norm(c, None, "head_dim").apply({"params": a["k_norm"]}, k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        at = (layer, 0, index, 0, 0)
+        k_new = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+        v_new = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        _, B, S, _, _ = k_new.shape
+        kc = jax.lax.dynamic_slice(k_new, (layer, 0, 0, 0, 0), (1, B, S, K, Hd))[0].astype(q.dtype)
+        vc = jax.lax.dynamic_slice(v_new, (layer, 0, 0, 0, 0), (1, B, S, K, Hd))[0].astype(q.dtype)
+        out = attend(q, kc, vc, mask, scale=c.attention_scale, impl=c.attention_impl,
+                     softcap=c.attn_logit_softcapping)
+        out = dense(out, D, ("heads", "head_dim", "embed"), c.o_bias, a["o_proj"], axis=(-2, -1),
+                    bias_axes=("embed",))
+        return out, (k_new, v_new)
+
+    x, (k_all, v_all) = _residual_blocks(c, lambda name: (lambda h: _norm(c).apply({"params": p[name]}, h)), x,
+                                         attention, lambda h: _mlp_cls(c)(c).apply({"params": p["mlp"]}, h))
     return x, k_all, v_all
 
 
@@ -329,8 +414,8 @@ def decode_forward(cfg: ModelConfig, params, cache: dict, input_ids, positions, 
     q_slots = idx + jnp.arange(T, dtype=jnp.int32)
     kv_slots = jnp.arange(S, dtype=jnp.int32)
     base_mask = build_mask(q_slots, kv_slots, q_segment_ids.astype(jnp.int32), kv_seg)
-    x = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype).apply(
-        {"params": params["embed_tokens"]}, input_ids).astype(c.dtype)
+    x = _embed_scale(c, nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype).apply(
+        {"params": params["embed_tokens"]}, input_ids).astype(c.dtype))
     cos, sin = rope_cos_sin(c, positions, c.dtype)
     windows = c.window_array() if c.has_sliding_window else None
 
@@ -344,8 +429,9 @@ def decode_forward(cfg: ModelConfig, params, cache: dict, input_ids, positions, 
         def body(carry, xs):
             x, k_all, v_all = carry
             p, layer, w = xs
-            x, k_all, v_all = _decode_layer(c, p, x, cos, sin, mask_for(None if windows is None else w),
-                                            k_all, v_all, layer, idx)
+            w = None if windows is None else w
+            lc, ls = layer_cos_sin(cos, sin, w, NO_WINDOW)
+            x, k_all, v_all = _decode_layer(c, p, x, lc, ls, mask_for(w), k_all, v_all, layer, idx)
             return (x, k_all, v_all), None
 
         (x, k_all, v_all), _ = jax.lax.scan(
@@ -353,6 +439,7 @@ def decode_forward(cfg: ModelConfig, params, cache: dict, input_ids, positions, 
     else:
         for i in range(c.num_hidden_layers):
             w = None if windows is None else windows[i]
-            x, k_all, v_all = _decode_layer(c, params[f"layers_{i}"], x, cos, sin, mask_for(w), k_all, v_all, i, idx)
-    h = RMSNorm(c.rms_norm_eps, c.param_dtype).apply({"params": params["norm"]}, x)
+            lc, ls = layer_cos_sin(cos, sin, w, NO_WINDOW)
+            x, k_all, v_all = _decode_layer(c, params[f"layers_{i}"], x, lc, ls, mask_for(w), k_all, v_all, i, idx)
+    h = _norm(c).apply({"params": params["norm"]}, x)
     return h, {"k": k_all, "v": v_all, "segment_ids": kv_seg, "index": idx + T}

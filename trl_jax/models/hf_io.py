@@ -75,6 +75,75 @@ def _flat(b):
     return b.reshape(-1)
 
 
+def _rows(start, stop, then):  # HF [out, in]: rows [start, stop) of a fused projection, then ``then``
+    return lambda w: then(w[start:stop])
+
+
+def _projections(cfg: ModelConfig) -> list[tuple]:
+    """q/k/v and MLP kernels: one HF tensor each; (Phi-3, :data:`FUSED_PROJECTIONS`) slices of the fused
+    ``qkv_proj`` / ``gate_up_proj`` rows, which :func:`save_pretrained` concatenates again (entries sharing an HF
+    name); (Qwen3-MoE, Mixtral, :data:`EXPERT_NAMES`) the router and every expert's tensors stacked on an expert
+    axis (HF names with ``{j}``)."""
+    N, K, Hd, F = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    q, k, v = (("self_attn", n, "kernel") for n in ("q_proj", "k_proj", "v_proj"))
+    gate, up, down = (("mlp", n, "kernel") for n in ("gate_proj", "up_proj", "down_proj"))
+    if cfg.model_type in FUSED_PROJECTIONS:
+        qkv, gate_up = FUSED_PROJECTIONS[cfg.model_type]
+        nq, nk = N * Hd, K * Hd
+        return [
+            (q, qkv, _rows(0, nq, _heads_in(N, Hd)), _heads_in_inv),
+            (k, qkv, _rows(nq, nq + nk, _heads_in(K, Hd)), _heads_in_inv),
+            (v, qkv, _rows(nq + nk, nq + 2 * nk, _heads_in(K, Hd)), _heads_in_inv),
+            (gate, gate_up, _rows(0, F, _t), _t),
+            (up, gate_up, _rows(F, 2 * F, _t), _t),
+            (down, "mlp.down_proj.weight", _t, _t),
+        ]
+    attn = [
+        (q, "self_attn.q_proj.weight", _heads_in(N, Hd), _heads_in_inv),
+        (k, "self_attn.k_proj.weight", _heads_in(K, Hd), _heads_in_inv),
+        (v, "self_attn.v_proj.weight", _heads_in(K, Hd), _heads_in_inv),
+    ]
+    if cfg.num_experts:
+        router, g, u, d = EXPERT_NAMES[cfg.model_type]
+        return attn + [
+            (("mlp", "gate", "kernel"), router, _t, _t),
+            (gate, g, _experts_in, _experts_in_inv),
+            (up, u, _experts_in, _experts_in_inv),
+            (down, d, _experts_out, _experts_out),
+        ]
+    return attn + [
+        (gate, "mlp.gate_proj.weight", _t, _t),
+        (up, "mlp.up_proj.weight", _t, _t),
+        (down, "mlp.down_proj.weight", _t, _t),
+    ]
+
+
+def _experts_in(w):  # HF experts stacked [E, F, D] <-> ours [D, E, F]
+    return w.transpose(2, 0, 1)
+
+
+def _experts_in_inv(w):
+    return w.transpose(1, 2, 0)
+
+
+def _experts_out(w):  # HF [E, D, F] <-> ours [E, F, D] (its own inverse)
+    return w.transpose(0, 2, 1)
+
+
+# model_type -> HF names of the router and of expert {j}'s gate, up and down projections (per-expert tensors, the
+# layout transformers' save_pretrained writes)
+EXPERT_NAMES = {
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{j}.gate_proj.weight", "mlp.experts.{j}.up_proj.weight",
+                  "mlp.experts.{j}.down_proj.weight"),
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{j}.w1.weight",
+                "block_sparse_moe.experts.{j}.w3.weight", "block_sparse_moe.experts.{j}.w2.weight"),
+}
+# model_type -> HF names of its fused (q, k, v) and (gate, up) projections, rows in that order
+FUSED_PROJECTIONS = {"phi3": ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")}
+# Gemma's two extra norms per layer (ModelConfig.sandwich_norms)
+_SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
 def param_entries(cfg: ModelConfig, *, value_head: bool = False) -> list[_Entry]:
     """The HF-name <-> param-path table for ``cfg`` (layer entries marked ``stacked``)."""
     N, K, Hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -83,14 +152,11 @@ def param_entries(cfg: ModelConfig, *, value_head: bool = False) -> list[_Entry]
     lay = [
         (("input_layernorm", "scale"), "input_layernorm.weight", _ident, _ident),
         (("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", _ident, _ident),
-        (("self_attn", "q_proj", "kernel"), "self_attn.q_proj.weight", _heads_in(N, Hd), _heads_in_inv),
-        (("self_attn", "k_proj", "kernel"), "self_attn.k_proj.weight", _heads_in(K, Hd), _heads_in_inv),
-        (("self_attn", "v_proj", "kernel"), "self_attn.v_proj.weight", _heads_in(K, Hd), _heads_in_inv),
+        *_projections(cfg),
         (("self_attn", "o_proj", "kernel"), "self_attn.o_proj.weight", _heads_out(N, Hd), _heads_out_inv),
-        (("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", _t, _t),
-        (("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", _t, _t),
-        (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", _t, _t),
     ]
+    if cfg.sandwich_norms:
+        lay += [((n, "scale"), f"{n}.weight", _ident, _ident) for n in _SANDWICH_NORMS]
     if cfg.qkv_bias:
         lay += [
             (("self_attn", "q_proj", "bias"), "self_attn.q_proj.bias", _heads_bias(N, Hd), _flat),
@@ -116,6 +182,11 @@ def param_entries(cfg: ModelConfig, *, value_head: bool = False) -> list[_Entry]
         e.append(_Entry(("v_head", "summary", "kernel"), "v_head.summary.weight", _t, _t))
         e.append(_Entry(("v_head", "summary", "bias"), "v_head.summary.bias", _ident, _ident))
     return e
+
+
+def _hf_name(entry: _Entry, i: int) -> str:
+    """Layer ``i``'s HF name of ``entry`` (an expert template ``{j}`` left for the checkpoint reader)."""
+    return entry.hf.format(i=i, j="{j}")
 
 
 def _get(tree, path):
@@ -160,9 +231,14 @@ class _Checkpoint:
         self._files: dict[str, SafetensorsFile] = {}
 
     def __contains__(self, name):
-        return name in self.weight_map
+        return name.format(j=0) in self.weight_map if "{j}" in name else name in self.weight_map
 
     def __getitem__(self, name) -> np.ndarray:
+        if "{j}" in name:  # every expert's tensor, stacked [E, ...] (one layer of experts on the host)
+            experts = []
+            while name.format(j=len(experts)) in self.weight_map:
+                experts.append(self[name.format(j=len(experts))])
+            return np.stack(experts)
         f = self.weight_map[name]
         if f not in self._files:
             self._files[f] = SafetensorsFile(os.path.join(self.dir, f))
@@ -208,7 +284,8 @@ def from_pretrained(
     revision: str | None = None,
     token=None,
 ) -> tuple[CausalLM, dict]:
-    """Load an HF Llama/Mistral/Qwen2/Qwen3 checkpoint (``*ForCausalLM`` or ``*ForSequenceClassification``).
+    """Load an HF checkpoint of a supported architecture (``config.SUPPORTED_ARCHITECTURES``: Llama, Mistral,
+    Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3; ``*ForCausalLM`` or ``*ForSequenceClassification``).
 
     Returns ``(model, params)``. Each tensor is read from its safetensors file (sharded checkpoints through
     ``model.safetensors.index.json``) and put on its final sharding as it is read: ``shardings`` (a tree
@@ -236,7 +313,7 @@ def from_pretrained(
         if entry.path[0] == "v_head" and entry.hf not in ckpt:
             missing_heads.append(entry)
             continue
-        names = [entry.hf.format(i=i) for i in range(cfg.num_hidden_layers)] if entry.stacked else [entry.hf]
+        names = [_hf_name(entry, i) for i in range(cfg.num_hidden_layers)] if entry.stacked else [entry.hf]
         absent = [n for n in names if n not in ckpt]
         if absent:
             hint = (" The config says tie_word_embeddings=False but the checkpoint has no lm_head.weight."
@@ -302,16 +379,75 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def to_hf_config(cfg: ModelConfig):
-    """A ``transformers`` config for ``cfg`` (for models built from scratch, without an HF config)."""
-    from transformers import AutoConfig
+def _split_experts(tensors: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """Expert-stacked tensors (names with ``{j}``, leading expert axis) -> one tensor per expert."""
+    out = []
+    for n, a in tensors:
+        out.extend([(n.format(j=j), a[j]) for j in range(a.shape[0])] if "{j}" in n else [(n, a)])
+    return out
 
+
+def _fuse_shared_names(tensors: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """Entries that share an HF name (slices of a fused projection) -> one tensor, their rows concatenated in entry
+    order, at the first one's place."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for n, a in tensors:
+        groups.setdefault(n, []).append(a)
+    return [(n, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)) for n, parts in groups.items()]
+
+
+def _family_hf_kwargs(cfg: ModelConfig) -> dict:
+    """The config fields of ``cfg``'s family beyond the shared ones (inverse of ``config._FAMILY_TRAITS``)."""
+    mt = cfg.model_type
+    kw: dict = {}
+    if mt in ("llama", "qwen3", "gemma2", "gemma3_text", "qwen3_moe"):
+        kw["attention_bias"] = cfg.qkv_bias
+    if mt == "llama":
+        kw["mlp_bias"] = cfg.mlp_bias
+    if mt == "qwen3_moe":
+        kw.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                  moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                  router_aux_loss_coef=cfg.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[])
+    if mt == "mixtral":
+        kw.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                  router_aux_loss_coef=cfg.router_aux_loss_coef)
+    if mt in ("mistral", "phi3", "mixtral"):
+        kw["sliding_window"] = (cfg.sliding_windows or (None,))[0]
+    if mt in ("gemma2", "gemma3_text"):
+        ws = cfg.sliding_windows or (None,) * cfg.num_hidden_layers
+        kw.update(hidden_activation=cfg.hidden_act,
+                  query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                  final_logit_softcapping=cfg.final_logit_softcapping,
+                  sliding_window=next((w for w in ws if w is not None), None),
+                  layer_types=["full_attention" if w is None else "sliding_attention" for w in ws])
+    if mt == "gemma2":
+        kw["attn_logit_softcapping"] = cfg.attn_logit_softcapping
+    return kw
+
+
+def _rope_hf(cfg: ModelConfig) -> dict:
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type != "default":
+    if cfg.rope_type not in ("default", "longrope"):
         rope["factor"] = cfg.rope_factor
     if cfg.rope_type == "llama3":
         rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_max_position_embeddings)
+    if cfg.rope_type == "longrope":
+        rope.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor),
+                    attention_factor=cfg.rope_attention_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_position_embeddings)
+    if cfg.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if cfg.rope_local_theta is not None:
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}}
+    return rope
+
+
+def to_hf_config(cfg: ModelConfig):
+    """A ``transformers`` config for ``cfg`` (for models built from scratch, without an HF config)."""
+    from transformers import AutoConfig
+
+    rope = _rope_hf(cfg)
     kw = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
@@ -319,12 +455,11 @@ def to_hf_config(cfg: ModelConfig):
         hidden_act=cfg.hidden_act, tie_word_embeddings=cfg.tie_word_embeddings,
         max_position_embeddings=cfg.max_position_embeddings, rope_parameters=rope, pad_token_id=cfg.pad_token_id,
     )
-    if cfg.model_type in ("llama", "qwen3"):
-        kw["attention_bias"] = cfg.qkv_bias
-    if cfg.model_type == "llama":
-        kw["mlp_bias"] = cfg.mlp_bias
-    if cfg.model_type == "mistral":
-        kw["sliding_window"] = (cfg.sliding_windows or (None,))[0]
+    kw.update(_family_hf_kwargs(cfg))
+    if "hidden_activation" in kw:
+        del kw["hidden_act"]
+    if cfg.model_type == "phi3" and cfg.rope_type == "longrope":
+        kw["original_max_position_embeddings"] = cfg.rope_original_max_position_embeddings
     if cfg.num_labels:
         kw["num_labels"] = cfg.num_labels
     return AutoConfig.for_model(cfg.model_type, **kw)
@@ -355,11 +490,12 @@ def save_pretrained(
         if entry.stacked and cfg.scan_layers:
             stacked = _to_host(_get(params, _param_path(entry, cfg)))
             for i in range(cfg.num_hidden_layers):
-                tensors.append((entry.hf.format(i=i), entry.to_hf(stacked[i])))
+                tensors.append((_hf_name(entry, i), entry.to_hf(stacked[i])))
         else:
             for i in range(cfg.num_hidden_layers if entry.stacked else 1):
                 arr = _to_host(_get(params, _param_path(entry, cfg, i)))
-                tensors.append((entry.hf.format(i=i), entry.to_hf(arr)))
+                tensors.append((_hf_name(entry, i), entry.to_hf(arr)))
+    tensors = _split_experts(_fuse_shared_names(tensors))
     if dtype is not None:
         np_dtype = np.dtype(jnp.dtype(dtype))
         tensors = [(n, a.astype(np_dtype)) for n, a in tensors]

@@ -220,9 +220,11 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
         raise ValueError(f"LoRA on {head} is not supported (the LM head runs inside the fused log-prob kernel); "
                          f"list it in modules_to_save to train it in full.")
     if not chosen:
+        hint = (" One string is a regular expression over full module names (PEFT's rule), e.g. r'.*\.q_proj'; "
+                "a list of names matches by suffix." if isinstance(target, str) else "")
         raise ValueError(f"target_modules={target!r} matches no linear layer of this {model_cfg.model_type} model; its "
                          "layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj "
-                         "(or 'all-linear').")
+                         f"(or 'all-linear').{hint}")
     targets = tuple(tuple(p for p in ATTENTION_PROJ + MLP_PROJ if p in chosen.get(i, ()))
                     for i in range(model_cfg.num_hidden_layers))
     known = {"lm_head", "embed_tokens", "score", "norm", "v_head"}
@@ -313,18 +315,41 @@ class LoraDenseGeneral(nn.DenseGeneral):
     lora: Any = None
     lora_init: bool = False
     kernel_axes: tuple = ()
+    quant: str | None = None  # "nf4" / "fp4": the frozen kernel is held in 4 bits (trl_jax.models.quant)
+
+    def _quantized_base(self, inputs, axis, in_shape, features):
+        """``(y, kernel)`` from the 4-bit ``kernel_q`` / ``kernel_absmax`` (dequantized in fp32, cast to the
+        compute dtype, as bitsandbytes' ``matmul_4bit``)."""
+        from trl_jax.models.quant import dequantize_kernel
+
+        n_in = len(axis)
+        names = (self.kernel_axes[0],) + self.kernel_axes[n_in:]
+        IN = int(np.prod(in_shape))
+        zeros = lambda dt: lambda k, s, d=None: jnp.zeros(s, dt)  # noqa: E731 - loaded, never initialised
+        q = self.param("kernel_q", nn.with_logical_partitioning(zeros(jnp.uint8), names), (IN // 2,) + features)
+        absmax = self.param("kernel_absmax", nn.with_logical_partitioning(zeros(jnp.float32), names),
+                            (IN // 64,) + features)
+        dtype = self.dtype or inputs.dtype
+        kernel = dequantize_kernel(q, absmax, in_shape, self.quant or "nf4", dtype)
+        y = jax.lax.dot_general(inputs.astype(dtype), kernel, ((axis, tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, features, self.param_dtype).astype(dtype)
+        return y, kernel
 
     @nn.compact
     def __call__(self, inputs):
-        y = super().__call__(inputs)
-        spec = self.lora
-        if spec is None or not (self.has_variable("params", "lora_a") or (self.is_initializing() and self.lora_init)):
-            return y
         axis = self.axis if isinstance(self.axis, tuple) else (self.axis,)
         axis = tuple(a % inputs.ndim for a in axis)
         n_in = len(axis)
         features = self.features if isinstance(self.features, tuple) else (self.features,)
         in_shape = tuple(inputs.shape[a] for a in axis)
+        if self.has_variable("params", "kernel_q") or (self.is_initializing() and self.quant):
+            y, kernel = self._quantized_base(inputs, axis, in_shape, features)
+        else:
+            y, kernel = super().__call__(inputs), None
+        spec = self.lora
+        if spec is None or not (self.has_variable("params", "lora_a") or (self.is_initializing() and self.lora_init)):
+            return y
         in_axes, out_axes = self.kernel_axes[:n_in], self.kernel_axes[n_in:]
         init = spec.init_lora_weights
         lora_a = self.param("lora_a", nn.with_logical_partitioning(
@@ -333,8 +358,9 @@ class LoraDenseGeneral(nn.DenseGeneral):
         lora_b = self.param("lora_b", nn.with_logical_partitioning(
             lambda k, s, d: lora_b_init(k, s, d, init), ("lora_rank",) + out_axes),
             (spec.r,) + features, self.param_dtype)
-        kernel = self.get_variable("params", "kernel")
-        kernel = getattr(kernel, "unbox", lambda: kernel)()
+        if kernel is None:
+            kernel = self.get_variable("params", "kernel")
+            kernel = getattr(kernel, "unbox", lambda: kernel)()
         dora = spec.use_dora and (self.has_variable("params", "lora_magnitude") or self.is_initializing())
         if dora:
             magnitude = self.param("lora_magnitude", nn.with_logical_partitioning(

@@ -107,12 +107,40 @@ class CausalLM:
         return params["lm_head"]["kernel"]
 
     def logits_from_hidden(self, params, hidden) -> jnp.ndarray:
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight(params).astype(hidden.dtype))
+        """``hidden [..., D]`` -> logits ``[..., V]`` (compute dtype), soft-capped where the model does (Gemma)."""
+        logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight(params).astype(hidden.dtype))
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = (cap * jnp.tanh(logits / cap)).astype(logits.dtype)
+        return logits
 
     def logits(self, params, input_ids, positions=None, segment_ids=None, attention_mask=None):
         """``[B, T, V]`` logits in the compute dtype."""
         return self.logits_from_hidden(params, self.hidden_states(params, input_ids, positions, segment_ids,
                                                                   attention_mask))
+
+    def hidden_states_and_router_logits(self, params, input_ids, positions=None, segment_ids=None,
+                                        attention_mask=None):
+        """One forward: final-norm hidden states ``[B, T, D]`` and the mixture-of-experts router logits of every
+        layer ``[L, B, T, E]`` (compute dtype), for :func:`trl_jax.models.moe.router_aux_loss` (transformers'
+        ``output_router_logits``)."""
+        if not self.config.num_experts:
+            raise ValueError(f"{self.config.model_type} has no mixture-of-experts layers (no router logits).")
+        positions, seg = self._resolve(input_ids, positions, segment_ids, attention_mask)
+        slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+        rng = current_dropout_rng() if self.config.lora is not None else None
+        rngs = None if rng is None else {"dropout": rng}
+        (h, _), state = self.module.apply({"params": params}, input_ids, positions, seg, seg, slots, slots,
+                                          rngs=rngs, mutable=["intermediates"])
+        inter = state["intermediates"]
+        if self.config.scan_layers:
+            return h, inter["layers"]["mlp"]["router_logits"][0]
+        return h, jnp.stack([inter[f"layers_{i}"]["mlp"]["router_logits"][0]
+                             for i in range(self.config.num_hidden_layers)])
+
+    def router_logits(self, params, input_ids, positions=None, segment_ids=None, attention_mask=None):
+        """Router logits ``[L, B, T, E]`` of :meth:`hidden_states_and_router_logits`."""
+        return self.hidden_states_and_router_logits(params, input_ids, positions, segment_ids, attention_mask)[1]
 
     # ------------------------------------------------------------------ heads
     def sequence_scores(self, params, input_ids, positions=None, segment_ids=None, attention_mask=None,
@@ -181,6 +209,19 @@ class CausalLM:
         q_seg = jnp.ones((tokens.shape[0], 1), jnp.int32)
         h, cache = self._cached_forward(params, cache, tokens[:, None], positions[:, None].astype(jnp.int32), q_seg)
         return self.logits_from_hidden(params, h[:, 0]), cache
+
+
+def router_aux_loss_coef(model) -> float:
+    """The weight of the load-balancing loss TRL adds for mixture-of-experts models (the checkpoint's
+    ``router_aux_loss_coef``, as TRL's default ``router_aux_loss_coef=None`` takes it); 0 for dense models."""
+    cfg = getattr(model, "config", None)
+    return float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0) if getattr(cfg, "num_experts", 0) else 0.0
+
+
+def final_logit_softcapping(model) -> float | None:
+    """The model's final-logit soft-cap (Gemma 2/3), for ``fused_log_probs(..., final_logit_softcapping=)``;
+    ``None`` for models without one (or without a ``config`` that says)."""
+    return getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
 
 def value_head_apply(v_head_params, hidden) -> jnp.ndarray:

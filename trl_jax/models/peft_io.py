@@ -97,9 +97,9 @@ def add_adapters(model: CausalLM, params, spec: LoraSpec, *, rng=None, mesh=None
         if names[-1] != "lora_magnitude":
             continue
         module = names[:-1]
-        kernel = _get_path(params, module + ("kernel",))
         a, b = _get_path(new, module + ("lora_a",)), _get_path(new, module + ("lora_b",))
         n_in = a.ndim - 1 - (1 if names[0] == "layers" else 0)
+        kernel = _kernel_of(model, params, module, a.shape[a.ndim - 1 - n_in:-1])
 
         def norm(k, a, b, n_in=n_in):
             f = lambda k, a, b: dora_weight_norm(k.astype(jnp.float32), a.astype(jnp.float32),  # noqa: E731
@@ -111,6 +111,30 @@ def add_adapters(model: CausalLM, params, spec: LoraSpec, *, rng=None, mesh=None
     if missing:
         raise ValueError(f"adding adapters created unexpected parameters {missing[:3]}")
     return lmodel, combine(params, new)
+
+
+def quantize_model(model: CausalLM, params, quant_type: str = "nf4", *, mesh=None, rules=None):
+    """``(4-bit model, params)``: every projection kernel stored as bitsandbytes' blockwise 4-bit codes
+    (``kernel_q``, ``kernel_absmax``; trl_jax.models.quant), one leaf at a time, placed on the shardings the
+    quantized model's logical axes give on ``mesh``. Embeddings, norms and heads stay as they are."""
+    from trl_jax.models.quant import quantize_params
+
+    qmodel = CausalLM(model.config.replace(quantization=quant_type), hf_config=model.hf_config,
+                      value_head=model.value_head)
+    params = quantize_params(jax.tree.map(lambda x: x, params), quant_type)
+    return qmodel, jax.device_put(params, _shardings(qmodel, mesh, rules))
+
+
+def _kernel_of(model: CausalLM, params, module: tuple, in_shape: tuple):
+    """The (dequantized, fp32) kernel of ``module``."""
+    node = _get_path(params, module)
+    if "kernel" in node:
+        return node["kernel"]
+    from trl_jax.models.quant import dequantize_kernel
+
+    f = lambda q, a: dequantize_kernel(q, a, in_shape, model.config.quantization)  # noqa: E731
+    return jax.vmap(f)(node["kernel_q"], node["kernel_absmax"]) if module[0] == "layers" else f(
+        node["kernel_q"], node["kernel_absmax"])
 
 
 def _set(tree, names, value):
@@ -294,6 +318,7 @@ __all__ = [
     "adapter_state_dict",
     "is_adapter_dir",
     "load_adapter",
+    "quantize_model",
     "read_adapter_config",
     "save_adapter",
     "with_lora",

@@ -41,6 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     ("experts", None),
+    ("expert", "expert"),  # MoE expert weights: a mesh axis of their own (when the mesh has one)
     ("labels", None),
     ("value", None),
     ("lora_rank", None),  # LoRA A [in, r] / B [r, out] follow their kernel's input / output axes

@@ -15,11 +15,21 @@ import jax.numpy as jnp
 import optax
 
 
+KEEP_FP32 = ("kernel_absmax",)  # 4-bit quantization scales stay fp32 (as bitsandbytes keeps them)
+
+
 def cast_floating(tree, dtype):
-    """Cast every floating-point leaf of ``tree`` to ``dtype`` (ints, bools and keys untouched)."""
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
-    )
+    """Cast every floating-point leaf of ``tree`` to ``dtype`` (ints, bools, keys and the 4-bit scales
+    ``kernel_absmax`` untouched)."""
+
+    def one(path, x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        if path and str(getattr(path[-1], "key", "")) in KEEP_FP32:
+            return x
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def fp32_optimizer_state(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -40,6 +40,7 @@ from trl_jax.data.decode import decode_and_strip_padding
 from trl_jax.data.formats import is_conversational
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.distillation import distillation_loss
+from trl_jax.models.model import final_logit_softcapping
 from trl_jax.ops.padding import pad
 from trl_jax.parallel import batch_parallel_size
 from trl_jax.parallel.distributed import gather_to_host, is_main_process
@@ -297,14 +298,13 @@ class DistillationTrainer(BaseTrainer):
         start = ids.shape[1] - c - 1
         h_s = self.model.hidden_states(params, ids, pos, seg)[:, start:-1]
         h_t = self.teacher_model.hidden_states(jax.lax.stop_gradient(teacher), ids, pos, seg)[:, start:-1]
-        s_cfg, t_cfg = self.model.config, self.teacher_model.config
+        # as TRL: the backbones' hidden states through each LM head (Gemma's final-logit soft-cap included); the
+        # mixture-of-experts load-balancing loss is not added (TRL's distillation loss bypasses the model's forward)
         return distillation_loss(
             h_s, self.model.lm_head_weight(params), h_t, self.teacher_model.lm_head_weight(teacher),
             batch["completion_mask"], beta=self.args.beta, temperature=self.args.temperature,
-            student_logit_scale=getattr(s_cfg, "logit_scale", None),
-            teacher_logit_scale=getattr(t_cfg, "logit_scale", None),
-            student_final_logit_softcapping=getattr(s_cfg, "final_logit_softcapping", None),
-            teacher_final_logit_softcapping=getattr(t_cfg, "final_logit_softcapping", None),
+            student_final_logit_softcapping=final_logit_softcapping(self.model),
+            teacher_final_logit_softcapping=final_logit_softcapping(self.teacher_model),
             chunk_size=self.args.logprob_chunk_size,
         )
 

@@ -25,6 +25,7 @@ from trl_jax.data.tokenization import prepare_preference_dataset
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.dpo import DPOTokenInputs, dpo_loss_terms_from_token_logps
 from trl_jax.ops import fused_log_probs
+from trl_jax.models.model import final_logit_softcapping
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
@@ -47,11 +48,13 @@ def sequence_token_stats(model, params, batch, chunk_size: int, *, extras: bool)
     """
     hidden = model.hidden_states(params, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
     weight = model.lm_head_weight(params)
+    cap = final_logit_softcapping(model)
     targets, mask = shifted_completion(batch)
     if not extras:
-        return {"logps": fused_log_probs(hidden, weight, targets, chunk_size=chunk_size, mask=mask), "mask": mask}
+        return {"logps": fused_log_probs(hidden, weight, targets, chunk_size=chunk_size, mask=mask,
+                                         final_logit_softcapping=cap), "mask": mask}
     logps, ent, top1, lsq = fused_log_probs(
-        hidden, weight, targets, chunk_size=chunk_size, mask=mask,
+        hidden, weight, targets, chunk_size=chunk_size, mask=mask, final_logit_softcapping=cap,
         return_entropy=True, return_top1=True, return_log_sum_sq_probs=True,
     )
     mean_logits = jnp.einsum("...d,d->...", hidden.astype(jnp.float32), jnp.mean(weight.astype(jnp.float32), axis=1))

@@ -50,6 +50,8 @@ from trl_jax.data.formats import is_conversational
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.grpo import grpo_advantages, grpo_loss, truncated_completions
 from trl_jax.ops import fused_log_probs
+from trl_jax.models.model import final_logit_softcapping, router_aux_loss_coef
+from trl_jax.models.moe import router_aux_loss
 from trl_jax.parallel import batch_parallel_size
 from trl_jax.parallel.distributed import (gather_to_host, is_main_process, is_multiprocess, make_global_batch,
                                           process_rows, sum_over_processes)
@@ -510,21 +512,30 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
     #: rounding, as TRL's vLLM log-probs); False always recomputes them (TRL's code path).
     reuse_sampler_logps = True
 
-    def _token_logps(self, params, batch, *, entropy=False):
+    def _token_logps(self, params, batch, *, entropy=False, aux_loss=False):
         """Per-token log-probs (and entropies) of the completion tokens: ``[R, C]`` fp32.
 
         ``batch``: ``input_ids [R, P + C]`` (left-padded prompt + right-padded completion), ``segment_ids`` (1 = real
         token), ``completion_ids [R, C]``, ``completion_mask [R, C]``. Logits are divided by ``temperature``.
+        ``aux_loss`` (mixture-of-experts models): also return the load-balancing loss of this forward over the real
+        tokens, as ``(log-probs result, aux)``.
         """
         ids, seg = batch["input_ids"], batch["segment_ids"]
         c = batch["completion_ids"].shape[1]
         pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
-        hidden = self.model.hidden_states(params, ids, pos, seg)
+        if aux_loss:
+            hidden, router_logits = self.model.hidden_states_and_router_logits(params, ids, pos, seg)
+        else:
+            hidden = self.model.hidden_states(params, ids, pos, seg)
         h = hidden[:, ids.shape[1] - c - 1:-1]
-        return fused_log_probs(
+        out = fused_log_probs(
             h, self.model.lm_head_weight(params), batch["completion_ids"], chunk_size=self.args.logprob_chunk_size,
             temperature=self.args.temperature, return_entropy=entropy, mask=batch["completion_mask"].astype(bool),
+            final_logit_softcapping=final_logit_softcapping(self.model),
         )
+        if not aux_loss:
+            return out
+        return out, router_aux_loss(router_logits, self.model.config.num_experts_per_tok, seg != 0)
 
     def _dispatch_old_logps(self, params, arrays) -> list:
         """Start the old-log-prob forward passes (one per micro-batch) without waiting: device arrays; fetch them
@@ -695,7 +706,12 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
     def grpo_loss_terms(self, params, batch, ref_params=None, *, training=True) -> LossTerms:
         """TRL's micro-batch loss terms (``grpo_loss``) for one micro-batch of generated rows."""
         args = self.args
-        logps, ent = self._token_logps(params, batch, entropy=True)
+        coef = router_aux_loss_coef(self.model)  # TRL's default for mixture-of-experts models: the checkpoint's
+        aux = None
+        if coef:
+            (logps, ent), aux = self._token_logps(params, batch, entropy=True, aux_loss=True)
+        else:
+            logps, ent = self._token_logps(params, batch, entropy=True)
         ref = None
         if args.beta != 0.0:
             ref_params = self._reference(params, ref_params)  # LoRA without ref_model: the base
@@ -714,7 +730,8 @@ class GRPOTrainer(ReferenceModelMixin, BaseTrainer):
             max_completion_length=args.max_completion_length,
             num_items_in_batch=batch["num_items_in_batch"][0],
             gradient_accumulation_steps=args.gradient_accumulation_steps,
-            steps_per_generation=self.steps_per_generation, training=training,
+            steps_per_generation=self.steps_per_generation, training=training, aux_loss=aux,
+            router_aux_loss_coef=coef,
         )
 
     def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:

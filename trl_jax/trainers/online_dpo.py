@@ -53,6 +53,7 @@ from trl_jax.data.formats import is_conversational
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.dpo import DPOInputs, dpo_loss_terms
 from trl_jax.ops import fused_log_probs
+from trl_jax.models.model import final_logit_softcapping
 from trl_jax.ops.masking import masked_sum
 from trl_jax.parallel.distributed import is_multiprocess
 from trl_jax.trainers.base import BaseTrainer, LocalBatch, prompt_columns, reject_unsupported, take_rows
@@ -391,7 +392,8 @@ class OnlineDPOTrainer(BaseTrainer):
         hidden = self.model.hidden_states(params, ids, pos, seg)
         h = hidden[:, ids.shape[1] - c - 1:-1]
         return fused_log_probs(h, self.model.lm_head_weight(params), completion_ids,
-                               chunk_size=self.args.logprob_chunk_size, mask=completion_mask.astype(bool))
+                               chunk_size=self.args.logprob_chunk_size, mask=completion_mask.astype(bool),
+                               final_logit_softcapping=final_logit_softcapping(self.model))
 
     def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
         """TRL's online DPO loss of one micro-batch of pairs (mean over its pairs) and TRL's ``stats``."""
@@ -403,9 +405,12 @@ class OnlineDPOTrainer(BaseTrainer):
         mask = flat["completion_mask"].astype(bool)
         args = (flat["input_ids"], flat["segment_ids"], flat["completion_ids"], flat["completion_mask"])
         logps = self._token_logps(params, *args)
-        ref_logps = reference_value(logps, lambda rp: self._token_logps(rp, *args), params, ref_params)
         seq = masked_sum(logps, mask, axis=-1)
-        ref_seq = masked_sum(ref_logps, mask, axis=-1)
+        # the summed reference log-probs go through reference_value themselves: while the reference holds the
+        # policy's weights they are exactly `seq` (two sums of equal values need not round alike), so the
+        # log-ratios are exactly 0 and `rewards/accuracies` (a strict >) counts ties as TRL does
+        ref_seq = reference_value(seq, lambda rp: masked_sum(self._token_logps(rp, *args), mask, axis=-1), params,
+                                  ref_params)
         beta = batch["beta"][0]
         keep = batch["example_mask"]
         ones = jnp.ones((b,), jnp.float32)

@@ -53,11 +53,20 @@ class PeftMixin:
 
         adapter_dir = getattr(self, "_adapter_dir", None)
         if peft_config is None and adapter_dir is None:
+            if self._quantization_type() is not None:
+                raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters on a frozen 4-bit base: pass a "
+                                 "peft_config (YAML: `use_peft: true` and the lora_* keys); a 4-bit model cannot "
+                                 "be trained in full.")
             return model, params, model_path
         if peft_config is not None and adapter_dir is not None:
             raise ValueError(f"{adapter_dir} is a PEFT adapter directory and a peft_config was given too: pass one "
                              "(the directory continues its own adapters).")
         compute = self._compute_dtype_for_base()
+        quant = self._quantization_type()
+        if quant is not None:  # QLoRA: the frozen base in 4 bits, the adapters trained on top
+            from trl_jax.models.peft_io import quantize_model
+
+            model, params = quantize_model(model, params, quant, mesh=self.mesh)
         if adapter_dir is not None:
             model, params = load_adapter(adapter_dir, model, params, mesh=self.mesh)
             tok = any(f.startswith("tokenizer") for f in os.listdir(adapter_dir))
@@ -75,6 +84,28 @@ class PeftMixin:
         logger.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{self.num_trainable_parameters:,}",
                     f"{self.num_parameters:,}", 100 * self.num_trainable_parameters / max(self.num_parameters, 1))
         return model, params, model_path
+
+    def _quantization_type(self) -> str | None:
+        """``"nf4"`` / ``"fp4"`` from ``model_init_kwargs["quantization_config"]`` (a ``BitsAndBytesConfig`` or its
+        dict, as TRL passes it), ``None`` without one. 8-bit and nested quantization are refused."""
+        kwargs = getattr(self.args, "model_init_kwargs", None) or {}
+        qc = kwargs.get("quantization_config") if isinstance(kwargs, dict) else None
+        if qc is None:
+            return None
+        get = (lambda k, d=None: qc.get(k, d)) if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
+        if get("load_in_8bit", False):
+            raise ValueError("load_in_8bit (LLM.int8) is not implemented in trl_jax: use load_in_4bit (QLoRA, NF4 "
+                             "or FP4 base weights), or leave quantization off.")
+        if not get("load_in_4bit", False):
+            return None
+        if get("bnb_4bit_use_double_quant", False):
+            raise ValueError("bnb_4bit_use_double_quant (nested quantization of the scales) is not implemented: "
+                             "leave use_bnb_nested_quant off (the scales stay fp32, 0.5 bit per weight).")
+        from trl_jax.models.quant import code_values
+
+        quant = get("bnb_4bit_quant_type", "fp4")  # transformers' BitsAndBytesConfig default
+        code_values(quant)  # validates
+        return quant
 
     def _compute_dtype_for_base(self):
         from trl_jax.trainers.base import _dtype
@@ -133,15 +164,20 @@ class PeftMixin:
     def _save_adapter_or_model(self, params, directory: str, merged: bool) -> None:
         from trl_jax.models import save_pretrained
         from trl_jax.models.lora import merge_adapters
-        from trl_jax.models.peft_io import save_adapter, with_lora
+        from trl_jax.models.peft_io import save_adapter
 
         if self.lora_spec is None:
             save_pretrained(self.model, params, directory, tokenizer=self.processing_class)
         elif merged:
+            from trl_jax.models.model import CausalLM
+            from trl_jax.models.quant import dequantize_model_params
             from trl_jax.trainers.base import _dtype
 
-            save_pretrained(with_lora(self.model, None), merge_adapters(params, self.lora_spec,
-                                                                        dtype=_dtype(self.args.param_dtype)),
+            if self.model.config.quantization:  # QLoRA: W = dequant(4-bit codes) + scaling * A B, in fp32
+                params = dequantize_model_params(self.model, params)
+            plain = CausalLM(self.model.config.replace(lora=None, quantization=None), hf_config=self.model.hf_config,
+                             value_head=self.model.value_head)
+            save_pretrained(plain, merge_adapters(params, self.lora_spec, dtype=_dtype(self.args.param_dtype)),
                             directory, tokenizer=self.processing_class)
         else:
             save_adapter(self.model, params, directory, base_model_name_or_path=self._base_model_path,

@@ -17,6 +17,8 @@ from trl_jax.data.tokenization import prepare_sft_dataset
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.sft import shift_labels, sft_loss
 from trl_jax.ops import fused_log_probs
+from trl_jax.models.model import final_logit_softcapping, router_aux_loss_coef
+from trl_jax.models.moe import router_aux_loss
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 
 
@@ -69,13 +71,26 @@ class SFTTrainer(BaseTrainer):
 
     def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
         model = self.model
-        hidden = model.hidden_states(params, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+        inputs = (params, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+        aux_coef = router_aux_loss_coef(model)
+        if aux_coef:  # mixture of experts: TRL adds coef * the load-balancing loss (router logits of this forward)
+            hidden, router_logits = model.hidden_states_and_router_logits(*inputs)
+        else:
+            hidden = model.hidden_states(*inputs)
         targets, loss_mask = shift_labels(batch["labels"])
         logps, entropy, top1 = fused_log_probs(
             hidden, model.lm_head_weight(params), targets,
             chunk_size=self.args.logprob_chunk_size, return_entropy=True, return_top1=True, mask=loss_mask,
+            final_logit_softcapping=final_logit_softcapping(model),
         )
-        return sft_loss(logps, loss_mask, loss_type=self.args.loss_type, per_token_entropy=entropy, is_top1=top1)
+        terms = sft_loss(logps, loss_mask, loss_type=self.args.loss_type, per_token_entropy=entropy, is_top1=top1)
+        if not aux_coef:
+            return terms
+        # TRL: loss + coef * aux_loss per forward, aux over the tokens the attention mask keeps; folded into the
+        # numerator so that numerator / denominator is that sum
+        aux = router_aux_loss(router_logits, model.config.num_experts_per_tok, batch["segment_ids"] != 0)
+        return terms._replace(numerator=terms.numerator + aux_coef * aux * terms.denominator,
+                              metrics={**terms.metrics, "aux_loss": aux})
 
     def completion_exact_match(self, dataset=None) -> float:
         """Fraction of rows whose every trained token (completion or assistant turn, with its EOS) is the model's
@@ -97,7 +112,8 @@ class SFTTrainer(BaseTrainer):
                 hidden = model.hidden_states(p, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
                 targets, mask = shift_labels(batch["labels"])
                 _, top1 = fused_log_probs(hidden, model.lm_head_weight(p), targets,
-                                          chunk_size=self.args.logprob_chunk_size, return_top1=True, mask=mask)
+                                          chunk_size=self.args.logprob_chunk_size, return_top1=True, mask=mask,
+                                          final_logit_softcapping=final_logit_softcapping(model))
                 return jnp.all(top1 | ~mask, axis=-1) & jnp.any(mask, axis=-1)
 
             self._exact_match_fn = jax.jit(fn)
