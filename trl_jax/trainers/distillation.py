@@ -46,7 +46,8 @@ from trl_jax.parallel import batch_parallel_size
 from trl_jax.parallel.distributed import gather_to_host, is_main_process
 from trl_jax.train.checkpoint import as_path
 from trl_jax.train.precision import cast_floating
-from trl_jax.trainers.base import _DTYPES, BaseTrainer, LocalBatch, _dtype, prompt_columns, reject_unsupported
+from trl_jax.trainers.base import (_DTYPES, BaseTrainer, LocalBatch, _dtype, prompt_columns, reject_unsupported,
+                                   take_rows)
 from trl_jax.trainers.logging import AppendFile, truncate_jsonl
 
 _PROMPT_BUCKET = 8
@@ -270,7 +271,7 @@ class DistillationTrainer(BaseTrainer):
         }
 
     def _batch_for_step(self, step: int):
-        rows = [self.train_dataset[int(i)] for i in self._rows_for_step(step)]
+        rows = take_rows(self.train_dataset, self._rows_for_step(step))
         rng = jax.random.fold_in(jax.random.PRNGKey(self.args.seed + 1), step)
         arrays, metrics = self.generate_completions(rows, self.state.params, rng)
         # TRL shuffles the generation batch before cutting it into micro-batches
@@ -338,7 +339,7 @@ class DistillationTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ eval
     def _eval_rows(self, ds, b: int, rows_per_batch: int) -> list[dict]:
-        return [ds[i] for i in range(b * rows_per_batch, min((b + 1) * rows_per_batch, len(ds)))]
+        return take_rows(ds, range(b * rows_per_batch, min((b + 1) * rows_per_batch, len(ds))))
 
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
         """Sample completions for the eval prompts with the current student and report the loss (pooled over the
@@ -378,7 +379,8 @@ class DistillationTrainer(BaseTrainer):
         both decoding greedily: ``agreement`` = fraction of prompts whose completion is the teacher's token for
         token; ``token_agreement`` = fraction of the teacher's completion tokens that are also the student's
         argmax given the same prefix. Whole eval batches only."""
-        ds = self._checked(dataset, "eval") if dataset is not None else (self.eval_dataset or self.train_dataset)
+        ds = self._checked(dataset, "eval") if dataset is not None else (
+            self.eval_dataset if self.eval_dataset is not None else self.train_dataset)
         if self.state is None:
             self._build(self.num_training_steps() if self.train_dataset is not None else 1)
         if self._argmax_jit is None:
@@ -394,7 +396,7 @@ class DistillationTrainer(BaseTrainer):
         rows_per_batch = self.args.per_device_eval_batch_size * batch_parallel_size(self.mesh)
         same = total = tok_same = tok_total = 0
         for start in range(0, n - rows_per_batch + 1, rows_per_batch):
-            rows = [ds[i] for i in range(start, start + rows_per_batch)]
+            rows = take_rows(ds, range(start, start + rows_per_batch))
             prompt_ids, prompt_mask = self._prompt_arrays(rows)
             key = jax.random.PRNGKey(0)
             s_ids, s_mask = self._sample(self.model, self.state.params, prompt_ids, prompt_mask, key, do_sample=False)
