@@ -15,7 +15,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig as TRLOnlineDPOConfig
 
 from trl_jax import configs as C
 
-CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig]
+CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.DistillationConfig]
 IDS = [c.__name__ for c in CONFIGS]
 # GRPO's defaults need the global batch divisible by num_generations: one data-parallel replica, 8 generations.
 BASE = {C.GRPOConfig: dict(per_device_train_batch_size=8, mesh_shape=(1, 1, -1))}
@@ -142,7 +142,7 @@ RESOLVED_IN_CONFIG = {
     "overwrite_output_dir": "read by the run's output_dir check",
 }
 AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.ModelConfig,
-           C.ScriptArguments, C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig]
+           C.ScriptArguments, C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig, C.DistillationConfig]
 
 
 def _trl_jax_sources() -> str:
@@ -199,7 +199,7 @@ def _non_default(f):
     return "other"
 
 
-@pytest.mark.parametrize("cls", AUDITED[:8], ids=[c.__name__ for c in AUDITED[:8]])
+@pytest.mark.parametrize("cls", AUDITED[:8] + [C.DistillationConfig], ids=[c.__name__ for c in AUDITED[:8]] + ["DistillationConfig"])
 def test_not_supported_fields_are_errors_when_set(cls):
     import dataclasses
 

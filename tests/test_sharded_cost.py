@@ -117,6 +117,12 @@ def _trainer(kind, model_dir, out, bf16=False):
             return DPOTrainer(model_dir, args=DPOConfig(max_length=32, **common), train_dataset=data)
         return KTOTrainer(model_dir, args=KTOConfig(max_length=32, **common), train_dataset=data)
     prompts = load_builtin_dataset("arithmetic_prompts").select(range(16))
+    if kind == "distillation":
+        from trl_jax.configs import DistillationConfig
+        from trl_jax.trainers import DistillationTrainer
+
+        return DistillationTrainer(model_dir, teacher_model=model_dir, train_dataset=prompts,
+                                   args=DistillationConfig(max_completion_length=8, beta=0.5, **common))
     if kind == "grpo":
         return GRPOTrainer(model_dir, reward_funcs=reward, train_dataset=prompts,
                            args=GRPOConfig(num_generations=4, max_completion_length=8, beta=0.04, **common))
@@ -153,7 +159,7 @@ def model_dir(tmp_path_factory):
         os.environ["TRL_JAX_CACHE"] = old
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "reward", "grpo", "online_dpo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "reward", "grpo", "online_dpo", "distillation"])
 def test_train_step_does_one_nth_of_the_work_per_device(kind, model_dir, tmp_path):
     tr = _trainer(kind, model_dir, str(tmp_path / kind))
     batch = _first_batch(tr)

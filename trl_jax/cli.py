@@ -6,6 +6,7 @@
     trl-jax reward --config configs/quickstart_reward.yaml
     trl-jax grpo --config configs/quickstart_grpo.yaml      # reward_funcs: [accuracy_reward, my_pkg.my_reward]
     trl-jax online-dpo --config configs/quickstart_online_dpo.yaml
+    trl-jax distillation --config configs/quickstart_distillation.yaml   # teacher_model_name_or_path: DIR
     trl-jax env
     trl-jax compare sft --config configs/quickstart_sft.yaml --steps 20 --out outputs/compare-sft   # vs TRL
 
@@ -32,7 +33,7 @@ import traceback
 
 from trl_jax.configs import UsageError
 
-TRAINERS = ("sft", "dpo", "kto", "reward", "grpo", "online-dpo")
+TRAINERS = ("sft", "dpo", "kto", "reward", "grpo", "online-dpo", "distillation")
 
 
 def _parse_overrides(extra: list[str]) -> dict:
@@ -120,7 +121,8 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     from trl_jax import trainers as T
 
     cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig,
-           "reward": configs.RewardConfig, "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig}[command]
+           "reward": configs.RewardConfig, "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig,
+           "distillation": configs.DistillationConfig}[command]
     script_cls = configs.GRPOScriptArguments if command in ("grpo", "online-dpo") else None
     if config and not os.path.isfile(config):
         raise UsageError(f"--config {config!r}: no such file.")
@@ -149,7 +151,7 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         args.param_dtype = run.model_args.dtype
     if run.model_args.attn_implementation is not None and args.attn_implementation is None:
         args.attn_implementation = run.model_args.attn_implementation  # TRL's ModelConfig field: the kernel
-    train, eval_ds = _datasets(run, split_names=command in ("sft", "reward"))
+    train, eval_ds = _datasets(run, split_names=command in ("sft", "reward", "distillation"))
     model = _model_id(run)
     from trl_jax.models.lora import apply_model_args
 
@@ -167,6 +169,8 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         trainer_cls = T.GRPOTrainer if command == "grpo" else T.OnlineDPOTrainer
         trainer = trainer_cls(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds,
                               peft_config=peft_config)
+    elif command == "distillation":
+        trainer = _distillation_trainer(run, model, train, eval_ds, peft_config)
     else:
         trainer_cls = {"sft": T.SFTTrainer, "dpo": T.DPOTrainer, "kto": T.KTOTrainer,
                        "reward": T.RewardTrainer}[command]
@@ -178,6 +182,10 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     if command == "reward" and trainer.eval_dataset is not None:
         result["eval_accuracy_before"] = trainer.evaluate()["eval_accuracy"]
         _say(f"[trl-jax] held-out reward accuracy before training: {result['eval_accuracy_before']:.3f}", flush=True)
+    if command == "distillation" and trainer.eval_dataset is not None:
+        result.update({f"{k}_before": v for k, v in trainer.teacher_agreement().items()})
+        _say("[trl-jax] held-out student/teacher agreement before training: "
+             f"tokens {result['token_agreement_before']:.3f}, completions {result['agreement_before']:.3f}", flush=True)
     out = trainer.train()
     result["train_loss"] = out.training_loss
     if trainer.eval_dataset is not None:
@@ -191,9 +199,32 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     if command == "reward" and trainer.eval_dataset is not None:
         _say(f"[trl-jax] held-out reward accuracy after training: {result['eval_accuracy']:.3f} "
              f"(before: {result['eval_accuracy_before']:.3f})", flush=True)
+    if command == "distillation" and trainer.eval_dataset is not None:
+        result.update(trainer.teacher_agreement())
+        _say("[trl-jax] held-out student/teacher agreement after training: "
+             f"tokens {result['token_agreement']:.3f} (before: {result['token_agreement_before']:.3f}), "
+             f"completions {result['agreement']:.3f} (before: {result['agreement_before']:.3f})", flush=True)
     path = trainer.save_model(args.output_dir)
     _say(f"[trl-jax] saved model and tokenizer to {path}", flush=True)
     return result
+
+
+def _distillation_trainer(run, model, train, eval_ds, peft_config):
+    """TRL's distillation script: the teacher is `teacher_model_name_or_path` (required)."""
+    from trl_jax.trainers import DistillationTrainer
+
+    teacher = run.args.teacher_model_name_or_path
+    if not teacher:
+        raise UsageError("A teacher model is required for distillation training. Set it with "
+                         "`teacher_model_name_or_path` (a local HF directory, a hub id or builtin:NAME).")
+    if not teacher.startswith("builtin:") and os.path.sep in teacher and not os.path.exists(teacher):
+        raise UsageError(f"teacher_model_name_or_path {teacher!r} does not exist. If it is the output of another "
+                         "quickstart (e.g. the SFT one), run that first.")
+    from trl_jax.assets import check_model_path
+
+    check_model_path(teacher, "teacher_model_name_or_path")
+    return DistillationTrainer(model, teacher_model=teacher, args=run.args, train_dataset=train, eval_dataset=eval_ds,
+                               peft_config=peft_config)
 
 
 def print_env() -> None:

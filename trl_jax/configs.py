@@ -48,6 +48,7 @@ __all__ = [
     "RewardConfig",
     "GRPOConfig",
     "OnlineDPOConfig",
+    "DistillationConfig",
     "ModelConfig",
     "ScriptArguments",
     "DatasetConfig",
@@ -135,6 +136,8 @@ NOT_SUPPORTED_FIELDS: dict[str, str] = {
     "trackio_bucket_id": "trackio logging is not implemented; use report_to tensorboard or wandb",
     "trackio_static_space_id": "trackio logging is not implemented; use report_to tensorboard or wandb",
     "log_unique_prompts": "not implemented; completions.jsonl has every prompt",
+    "teacher_model_revision": ("download that revision (`hf download ID --revision REV --local-dir DIR`) and pass DIR "
+                               "as teacher_model_name_or_path"),
     **{name: "adaptive entropy is not implemented; use a fixed entropy_coef"
        for name in ("use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
                     "entropy_target")},
@@ -1070,6 +1073,69 @@ class OnlineDPOConfig(BaseConfig):
                 "truncated or removed in the forward pass.",
                 stacklevel=3,
             )
+
+
+@dataclass
+class DistillationConfig(BaseConfig):
+    """Fields and defaults of `trl.DistillationConfig` (1.16) + `JAX_FIELDS` + `GENERATION_JAX_FIELDS`.
+
+    As in TRL 1.16 the trainer is on-policy: every completion is sampled by the student (`max_completion_length`
+    new tokens at `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`) and the loss is the generalized
+    JSD (`beta`: 0 forward KL, 1 reverse KL) between the student's and the teacher's next-token distributions at
+    `temperature`. The teacher is `teacher_model_name_or_path` (or the trainer's `teacher_model` argument), loaded
+    in `teacher_model_init_kwargs["dtype"]` if given, else in `compute_dtype`, and sharded like the student.
+
+    Parameters added by trl_jax (sampling): `decode_layout`, `decode_block_size`; see `GRPOConfig`.
+    """
+
+    learning_rate: float = 1e-06
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    teacher_model_name_or_path: str | None = None
+    teacher_model_revision: str | None = None
+    teacher_model_init_kwargs: dict[str, Any] | str | None = None
+    disable_dropout: bool = False
+    remove_unused_columns: bool | None = False
+    max_completion_length: int | None = 512
+    ds3_gather_for_generation: bool = True
+    shuffle_dataset: bool | None = True
+    pad_to_multiple_of: int | str | None = 'auto'
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    generation_kwargs: dict | str | None = None
+    chat_template_kwargs: dict | str | None = None
+    repetition_penalty: float = 1.0
+    cache_implementation: str | None = None
+    use_vllm: bool = False
+    vllm_mode: str = 'colocate'
+    vllm_model_impl: str = 'vllm'
+    vllm_enable_sleep_mode: bool = False
+    vllm_structured_outputs_regex: str | None = None
+    vllm_server_base_url: str | None = None
+    vllm_server_host: str = '0.0.0.0'
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = 240.0
+    vllm_group_port: int = 51216
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_max_model_length: int | None = None
+    vllm_tensor_parallel_size: int = 1
+    beta: float = 1.0
+    max_tool_calling_iterations: int | None = None
+    log_completions: bool = False
+    num_completions_to_print: int | None = None
+    log_unique_prompts: bool = False
+    decode_layout: str | None = "auto"
+    decode_block_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_generation_fields(self)
+        if isinstance(self.teacher_model_init_kwargs, str):
+            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+        if self.beta < 0.0 or self.beta > 1.0:
+            raise ValueError(f"beta must be in [0.0, 1.0], got {self.beta}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

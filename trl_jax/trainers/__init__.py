@@ -2,6 +2,7 @@
 
 from trl_jax.trainers.base import BaseTrainer, TrainOutput
 from trl_jax.trainers.callbacks import TrainerControl, TrainerState
+from trl_jax.trainers.distillation import DistillationTrainer
 from trl_jax.trainers.dpo import DPOTrainer
 from trl_jax.trainers.grpo import GRPOTrainer
 from trl_jax.trainers.kto import KTOTrainer
@@ -9,4 +10,4 @@ from trl_jax.trainers.online_dpo import OnlineDPOTrainer
 from trl_jax.trainers.reward import RewardTrainer
 from trl_jax.trainers.sft import SFTTrainer
 
-__all__ = ["BaseTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "OnlineDPOTrainer", "RewardTrainer", "SFTTrainer", "TrainOutput", "TrainerControl", "TrainerState"]
+__all__ = ["BaseTrainer", "DistillationTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "OnlineDPOTrainer", "RewardTrainer", "SFTTrainer", "TrainOutput", "TrainerControl", "TrainerState"]
