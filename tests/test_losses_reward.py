@@ -37,10 +37,11 @@ def make_rewards(seed: int = 0, ties: bool = True):
     return chosen, rejected, margin
 
 
-class _FixedModel:
+class _FixedModel(torch.nn.Module):  # a Module: accelerate inspects it when peft is installed
     training = True
 
     def __init__(self, logits):
+        super().__init__()
         self.logits = logits
 
     def __call__(self, **kwargs):

@@ -35,6 +35,7 @@ from trl_jax.models import CausalLM, final_logit_softcapping, from_pretrained, s
 ATOL = 1e-4
 NAMES = ["gemma2", "gemma3_text", "phi3"]
 MOE = ["qwen3_moe", "mixtral"]
+TRAINED = {"gemma3_text", "phi3", "qwen3_moe"}  # one end-to-end SFT + GRPO run per family
 _CACHE: dict = {}
 
 
@@ -224,6 +225,8 @@ def test_sft_and_grpo_train_end_to_end(name, trainer_models, tmp_path, trl_jax_c
         assert float(terms.metrics["aux_loss"]) == pytest.approx(float(ref.aux_loss), abs=1e-5)
     ref = ref.loss.item()
     assert float(terms.numerator / terms.denominator) == pytest.approx(ref, abs=1e-4)
+    if name not in TRAINED:  # one SFT + GRPO run per family keeps the suite short; the loss check runs for all
+        return
     sft.train()
     losses = [r["loss"] for r in sft.log_history if "loss" in r]
     assert len(losses) == 2 and np.all(np.isfinite(losses)) and len(set(losses)) > 1

@@ -317,8 +317,9 @@ def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="generation_kwargs"):
         OnlineDPOTrainer(MODEL, reward_funcs=digit_reward, args=make_args(tmp_path, generation_kwargs={"foo": 1}),
                          train_dataset=ds)
-    with pytest.raises(TypeError, match="peft_config"):
-        OnlineDPOTrainer(MODEL, reward_funcs=digit_reward, args=make_args(tmp_path), train_dataset=ds, peft_config={})
+    with pytest.raises(ValueError, match="init_lora_weights"):  # LoRA is supported; its bad options are refused
+        OnlineDPOTrainer(MODEL, reward_funcs=digit_reward, args=make_args(tmp_path), train_dataset=ds,
+                         peft_config={"init_lora_weights": "pissa"})
     with pytest.raises(ValueError, match="prompt"):
         OnlineDPOTrainer(MODEL, reward_funcs=digit_reward, args=make_args(tmp_path),
                          train_dataset=ds.rename_column("prompt", "question"))
