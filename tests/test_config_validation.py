@@ -15,10 +15,11 @@ from trl.experimental.online_dpo import OnlineDPOConfig as TRLOnlineDPOConfig
 
 from trl_jax import configs as C
 
-CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig]
+CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.RLOOConfig]
 IDS = [c.__name__ for c in CONFIGS]
 # GRPO's defaults need the global batch divisible by num_generations: one data-parallel replica, 8 generations.
-BASE = {C.GRPOConfig: dict(per_device_train_batch_size=8, mesh_shape=(1, 1, -1))}
+BASE = {C.GRPOConfig: dict(per_device_train_batch_size=8, mesh_shape=(1, 1, -1)),
+        C.RLOOConfig: dict(per_device_train_batch_size=2, mesh_shape=(1, 1, -1))}
 
 
 def _make(cls, **kw):
@@ -141,7 +142,8 @@ RESOLVED_IN_CONFIG = {
     "vllm_importance_sampling_cap": "-> vllm_importance_sampling_clip_max (PyTorch-only too)",
     "overwrite_output_dir": "read by the run's output_dir check",
 }
-AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.ModelConfig,
+AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.RLOOConfig,
+           C.ModelConfig,
            C.ScriptArguments, C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig]
 
 
@@ -199,7 +201,7 @@ def _non_default(f):
     return "other"
 
 
-@pytest.mark.parametrize("cls", AUDITED[:8], ids=[c.__name__ for c in AUDITED[:8]])
+@pytest.mark.parametrize("cls", AUDITED[:9], ids=[c.__name__ for c in AUDITED[:9]])
 def test_not_supported_fields_are_errors_when_set(cls):
     import dataclasses
 

@@ -23,6 +23,7 @@ PAIRS = [
     (C.GRPOConfig, trl.GRPOConfig),
     (C.OnlineDPOConfig, TRLOnlineDPOConfig),
     (C.RewardConfig, trl.RewardConfig),
+    (C.RLOOConfig, trl.RLOOConfig),
     (C.ModelConfig, trl.ModelConfig),
     (C.ScriptArguments, trl.ScriptArguments),
     (C.DatasetMixtureConfig, TRLMixture),
@@ -46,7 +47,7 @@ def test_field_names_and_defaults_equal_trl(ours, theirs):
     if ours in (C.ModelConfig, C.ScriptArguments, C.DatasetMixtureConfig):
         assert extra == set()
     else:
-        generating = ours in (C.GRPOConfig, C.OnlineDPOConfig)
+        generating = ours in (C.GRPOConfig, C.OnlineDPOConfig, C.RLOOConfig)
         assert extra == (set(C.JAX_FIELDS) | set(C.GENERATION_JAX_FIELDS if generating else ())) - set(trl_fields)
     for name, value in trl_fields.items():
         assert our_fields[name] == value, name
@@ -62,7 +63,7 @@ def test_field_names_and_defaults_equal_trl(ours, theirs):
 _POST_INIT_SKIP = {"parallelism_config", "accelerator_config"}
 
 
-@pytest.mark.parametrize("ours,theirs", PAIRS[:6], ids=[p[0].__name__ for p in PAIRS[:6]])
+@pytest.mark.parametrize("ours,theirs", PAIRS[:7], ids=[p[0].__name__ for p in PAIRS[:7]])
 @pytest.mark.parametrize("kw", [{}, {"eval_strategy": "steps", "logging_steps": 5, "save_steps": 20.0,
                                      "pad_to_multiple_of": "64", "fp16": False}])
 def test_post_init_values_equal_trl(ours, theirs, kw):

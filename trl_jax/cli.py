@@ -6,6 +6,7 @@
     trl-jax reward --config configs/quickstart_reward.yaml
     trl-jax grpo --config configs/quickstart_grpo.yaml      # reward_funcs: [accuracy_reward, my_pkg.my_reward]
     trl-jax online-dpo --config configs/quickstart_online_dpo.yaml
+    trl-jax rloo --config configs/quickstart_rloo.yaml
     trl-jax env
     trl-jax compare sft --config configs/quickstart_sft.yaml --steps 20 --out outputs/compare-sft   # vs TRL
 
@@ -32,7 +33,7 @@ import traceback
 
 from trl_jax.configs import UsageError
 
-TRAINERS = ("sft", "dpo", "kto", "reward", "grpo", "online-dpo")
+TRAINERS = ("sft", "dpo", "kto", "reward", "grpo", "online-dpo", "rloo")
 
 
 def _parse_overrides(extra: list[str]) -> dict:
@@ -120,8 +121,9 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     from trl_jax import trainers as T
 
     cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig,
-           "reward": configs.RewardConfig, "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig}[command]
-    script_cls = configs.GRPOScriptArguments if command in ("grpo", "online-dpo") else None
+           "reward": configs.RewardConfig, "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig,
+           "rloo": configs.RLOOConfig}[command]
+    script_cls = configs.GRPOScriptArguments if command in ("grpo", "online-dpo", "rloo") else None
     if config and not os.path.isfile(config):
         raise UsageError(f"--config {config!r}: no such file.")
     try:
@@ -159,7 +161,7 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         kwargs["quantization_config"] = {"load_in_4bit": True,
                                          "bnb_4bit_quant_type": run.model_args.bnb_4bit_quant_type}
         args.model_init_kwargs = kwargs
-    if command in ("grpo", "online-dpo"):
+    if command in ("grpo", "online-dpo", "rloo"):
         from trl_jax.rewards import resolve_reward_funcs
 
         funcs = resolve_reward_funcs(run.script_args.reward_funcs)
@@ -169,7 +171,7 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         if not funcs:
             raise UsageError(f"{command}: set `reward_funcs` (built-in names such as accuracy_reward, or "
                              "dotted import paths) and/or `reward_model_name_or_path` in the config.")
-        trainer_cls = T.GRPOTrainer if command == "grpo" else T.OnlineDPOTrainer
+        trainer_cls = {"grpo": T.GRPOTrainer, "online-dpo": T.OnlineDPOTrainer, "rloo": T.RLOOTrainer}[command]
         trainer = trainer_cls(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds,
                               peft_config=peft_config)
     else:
