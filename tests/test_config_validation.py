@@ -15,10 +15,12 @@ from trl.experimental.online_dpo import OnlineDPOConfig as TRLOnlineDPOConfig
 
 from trl_jax import configs as C
 
-CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.DistillationConfig]
+CONFIGS = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.DistillationConfig,
+           C.RLOOConfig]
 IDS = [c.__name__ for c in CONFIGS]
 # GRPO's defaults need the global batch divisible by num_generations: one data-parallel replica, 8 generations.
-BASE = {C.GRPOConfig: dict(per_device_train_batch_size=8, mesh_shape=(1, 1, -1))}
+BASE = {C.GRPOConfig: dict(per_device_train_batch_size=8, mesh_shape=(1, 1, -1)),
+        C.RLOOConfig: dict(per_device_train_batch_size=2, mesh_shape=(1, 1, -1))}
 
 
 def _make(cls, **kw):
@@ -141,8 +143,9 @@ RESOLVED_IN_CONFIG = {
     "vllm_importance_sampling_cap": "-> vllm_importance_sampling_clip_max (PyTorch-only too)",
     "overwrite_output_dir": "read by the run's output_dir check",
 }
-AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.ModelConfig,
-           C.ScriptArguments, C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig, C.DistillationConfig]
+AUDITED = [C.SFTConfig, C.DPOConfig, C.KTOConfig, C.GRPOConfig, C.OnlineDPOConfig, C.RewardConfig, C.RLOOConfig,
+           C.ModelConfig, C.ScriptArguments, C.GRPOScriptArguments, C.DatasetMixtureConfig, C.DatasetConfig,
+           C.DistillationConfig]
 
 
 def _trl_jax_sources() -> str:
@@ -199,7 +202,8 @@ def _non_default(f):
     return "other"
 
 
-@pytest.mark.parametrize("cls", AUDITED[:8] + [C.DistillationConfig], ids=[c.__name__ for c in AUDITED[:8]] + ["DistillationConfig"])
+@pytest.mark.parametrize("cls", AUDITED[:9] + [C.DistillationConfig],
+                         ids=[c.__name__ for c in AUDITED[:9]] + ["DistillationConfig"])
 def test_not_supported_fields_are_errors_when_set(cls):
     import dataclasses
 

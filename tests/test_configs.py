@@ -24,6 +24,7 @@ PAIRS = [
     (C.OnlineDPOConfig, TRLOnlineDPOConfig),
     (C.RewardConfig, trl.RewardConfig),
     (C.DistillationConfig, trl.DistillationConfig),
+    (C.RLOOConfig, trl.RLOOConfig),
     (C.ModelConfig, trl.ModelConfig),
     (C.ScriptArguments, trl.ScriptArguments),
     (C.DatasetMixtureConfig, TRLMixture),
@@ -47,7 +48,7 @@ def test_field_names_and_defaults_equal_trl(ours, theirs):
     if ours in (C.ModelConfig, C.ScriptArguments, C.DatasetMixtureConfig):
         assert extra == set()
     else:
-        generating = ours in (C.GRPOConfig, C.OnlineDPOConfig, C.DistillationConfig)
+        generating = ours in (C.GRPOConfig, C.OnlineDPOConfig, C.DistillationConfig, C.RLOOConfig)
         assert extra == (set(C.JAX_FIELDS) | set(C.GENERATION_JAX_FIELDS if generating else ())) - set(trl_fields)
     for name, value in trl_fields.items():
         assert our_fields[name] == value, name

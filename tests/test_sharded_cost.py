@@ -95,9 +95,10 @@ def _model_dir(root):
 
 
 def _trainer(kind, model_dir, out, bf16=False):
-    from trl_jax.configs import DPOConfig, GRPOConfig, KTOConfig, OnlineDPOConfig, RewardConfig, SFTConfig
+    from trl_jax.configs import DPOConfig, GRPOConfig, KTOConfig, OnlineDPOConfig, RewardConfig, RLOOConfig, SFTConfig
     from trl_jax.data.builtin import load_builtin_dataset
-    from trl_jax.trainers import DPOTrainer, GRPOTrainer, KTOTrainer, OnlineDPOTrainer, RewardTrainer, SFTTrainer
+    from trl_jax.trainers import (DPOTrainer, GRPOTrainer, KTOTrainer, OnlineDPOTrainer, RewardTrainer, RLOOTrainer,
+                                  SFTTrainer)
 
     common = dict(output_dir=out, per_device_train_batch_size=8, max_steps=1, bf16=bf16, mesh_shape=(1, 1, 1),
                   gradient_checkpointing=False, disable_tqdm=True, report_to="none", save_strategy="no",
@@ -126,6 +127,9 @@ def _trainer(kind, model_dir, out, bf16=False):
     if kind == "grpo":
         return GRPOTrainer(model_dir, reward_funcs=reward, train_dataset=prompts,
                            args=GRPOConfig(num_generations=4, max_completion_length=8, beta=0.04, **common))
+    if kind == "rloo":
+        return RLOOTrainer(model_dir, reward_funcs=reward, train_dataset=prompts,
+                           args=RLOOConfig(num_generations=4, max_completion_length=8, beta=0.05, **common))
     return OnlineDPOTrainer(model_dir, reward_funcs=reward, train_dataset=prompts,
                             args=OnlineDPOConfig(max_new_tokens=8, **common))
 
@@ -159,7 +163,7 @@ def model_dir(tmp_path_factory):
         os.environ["TRL_JAX_CACHE"] = old
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "reward", "grpo", "online_dpo", "distillation"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "reward", "grpo", "rloo", "online_dpo", "distillation"])
 def test_train_step_does_one_nth_of_the_work_per_device(kind, model_dir, tmp_path):
     tr = _trainer(kind, model_dir, str(tmp_path / kind))
     batch = _first_batch(tr)

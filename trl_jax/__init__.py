@@ -16,6 +16,7 @@ _LAZY = {
     "SFTTrainer": "trl_jax.trainers", "GRPOTrainer": "trl_jax.trainers", "OnlineDPOTrainer": "trl_jax.trainers", "DPOTrainer": "trl_jax.trainers", "KTOTrainer": "trl_jax.trainers",
     "RewardTrainer": "trl_jax.trainers",
     "DistillationConfig": "trl_jax.configs", "DistillationTrainer": "trl_jax.trainers",
+    "RLOOConfig": "trl_jax.configs", "RLOOTrainer": "trl_jax.trainers",
     "selective_log_softmax": "trl_jax.ops", "fused_log_probs": "trl_jax.ops", "entropy_from_logits": "trl_jax.ops",
     "apply_chat_template": "trl_jax.data", "unpair_preference_dataset": "trl_jax.data",
     "extract_prompt": "trl_jax.data", "pack_dataset": "trl_jax.data",

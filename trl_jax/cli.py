@@ -7,6 +7,7 @@
     trl-jax grpo --config configs/quickstart_grpo.yaml      # reward_funcs: [accuracy_reward, my_pkg.my_reward]
     trl-jax online-dpo --config configs/quickstart_online_dpo.yaml
     trl-jax distillation --config configs/quickstart_distillation.yaml   # teacher_model_name_or_path: DIR
+    trl-jax rloo --config configs/quickstart_rloo.yaml
     trl-jax env
     trl-jax compare sft --config configs/quickstart_sft.yaml --steps 20 --out outputs/compare-sft   # vs TRL
 
@@ -33,7 +34,7 @@ import traceback
 
 from trl_jax.configs import UsageError
 
-TRAINERS = ("sft", "dpo", "kto", "reward", "grpo", "online-dpo", "distillation")
+TRAINERS = ("sft", "dpo", "kto", "reward", "grpo", "online-dpo", "rloo", "distillation")
 
 
 def _parse_overrides(extra: list[str]) -> dict:
@@ -122,8 +123,8 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
 
     cls = {"sft": configs.SFTConfig, "dpo": configs.DPOConfig, "kto": configs.KTOConfig,
            "reward": configs.RewardConfig, "grpo": configs.GRPOConfig, "online-dpo": configs.OnlineDPOConfig,
-           "distillation": configs.DistillationConfig}[command]
-    script_cls = configs.GRPOScriptArguments if command in ("grpo", "online-dpo") else None
+           "distillation": configs.DistillationConfig, "rloo": configs.RLOOConfig}[command]
+    script_cls = configs.GRPOScriptArguments if command in ("grpo", "online-dpo", "rloo") else None
     if config and not os.path.isfile(config):
         raise UsageError(f"--config {config!r}: no such file.")
     try:
@@ -156,7 +157,7 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
     from trl_jax.models.lora import apply_model_args
 
     peft_config = apply_model_args(args, run.model_args)  # use_peft + lora_*, load_in_4bit (TRL's ModelConfig)
-    if command in ("grpo", "online-dpo"):
+    if command in ("grpo", "online-dpo", "rloo"):
         from trl_jax.rewards import resolve_reward_funcs
 
         funcs = resolve_reward_funcs(run.script_args.reward_funcs)
@@ -166,7 +167,7 @@ def run_trainer(command: str, config: str | None, overrides: dict) -> dict:
         if not funcs:
             raise UsageError(f"{command}: set `reward_funcs` (built-in names such as accuracy_reward, or "
                              "dotted import paths) and/or `reward_model_name_or_path` in the config.")
-        trainer_cls = T.GRPOTrainer if command == "grpo" else T.OnlineDPOTrainer
+        trainer_cls = {"grpo": T.GRPOTrainer, "online-dpo": T.OnlineDPOTrainer, "rloo": T.RLOOTrainer}[command]
         trainer = trainer_cls(model, reward_funcs=funcs, args=args, train_dataset=train, eval_dataset=eval_ds,
                               peft_config=peft_config)
     elif command == "distillation":

@@ -47,6 +47,7 @@ __all__ = [
     "KTOConfig",
     "RewardConfig",
     "GRPOConfig",
+    "RLOOConfig",
     "OnlineDPOConfig",
     "DistillationConfig",
     "ModelConfig",
@@ -867,6 +868,43 @@ class RewardConfig(BaseConfig):
                           "and pass the tokenizer as `processing_class` instead.", FutureWarning, stacklevel=3)
 
 
+def _resolve_generation_batch(cfg, trainer: str) -> None:
+    """`generation_batch_size` / `steps_per_generation` resolved as TRL's GRPO and RLOO configs do (`world_size` =
+    data-parallel devices), and their checks: full prompt groups, at least 2 generations per prompt."""
+    num_processes = cfg.world_size
+    global_batch = cfg.per_device_train_batch_size * num_processes
+    if cfg.generation_batch_size is None and cfg.steps_per_generation is None:
+        cfg.steps_per_generation = cfg.gradient_accumulation_steps
+        cfg.generation_batch_size = global_batch * cfg.steps_per_generation
+    elif cfg.generation_batch_size is not None and cfg.steps_per_generation is None:
+        if cfg.generation_batch_size % global_batch != 0:
+            raise ValueError(
+                f"generation_batch_size ({cfg.generation_batch_size}) must be divisible by the global batch "
+                f"size ({global_batch})."
+            )
+        cfg.steps_per_generation = cfg.generation_batch_size // global_batch
+    elif cfg.generation_batch_size is None and cfg.steps_per_generation is not None:
+        cfg.generation_batch_size = global_batch * cfg.steps_per_generation
+    else:
+        raise ValueError("'generation_batch_size' and 'steps_per_generation' can not be both configured.")
+    if cfg.do_eval and cfg.eval_strategy != "no":
+        num_generations = cfg.num_generations_eval or cfg.num_generations
+        if (cfg.per_device_eval_batch_size * num_processes) % num_generations != 0:
+            raise ValueError(
+                f"The global eval batch size ({cfg.per_device_eval_batch_size} * {num_processes}) must be "
+                f"divisible by the number of generations used for evaluation ({num_generations})."
+            )
+    if cfg.generation_batch_size % cfg.num_generations != 0:
+        raise ValueError(
+            f"generation_batch_size ({cfg.generation_batch_size}) must be divisible by num_generations "
+            f"({cfg.num_generations})."
+        )
+    if cfg.num_generations < 2:
+        raise ValueError(
+            f"{trainer} needs at least 2 generations per prompt for the advantages; got {cfg.num_generations}."
+        )
+
+
 @dataclass
 class GRPOConfig(BaseConfig):
     """Fields and defaults of `trl.GRPOConfig` (1.16) + `JAX_FIELDS` + `GENERATION_JAX_FIELDS`.
@@ -977,40 +1015,86 @@ class GRPOConfig(BaseConfig):
         _check_choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
         if self.log_completions_hub_repo is not None and not self.log_completions:
             raise ValueError("`log_completions_hub_repo` is set but `log_completions` is False; enable it or unset.")
-        num_processes = self.world_size
-        global_batch = self.per_device_train_batch_size * num_processes
-        if self.generation_batch_size is None and self.steps_per_generation is None:
-            self.steps_per_generation = self.gradient_accumulation_steps
-            self.generation_batch_size = global_batch * self.steps_per_generation
-        elif self.generation_batch_size is not None and self.steps_per_generation is None:
-            if self.generation_batch_size % global_batch != 0:
-                raise ValueError(
-                    f"generation_batch_size ({self.generation_batch_size}) must be divisible by the global batch "
-                    f"size ({global_batch})."
-                )
-            self.steps_per_generation = self.generation_batch_size // global_batch
-        elif self.generation_batch_size is None and self.steps_per_generation is not None:
-            self.generation_batch_size = global_batch * self.steps_per_generation
-        else:
-            raise ValueError("'generation_batch_size' and 'steps_per_generation' can not be both configured.")
-        if self.do_eval and self.eval_strategy != "no":
-            num_generations = self.num_generations_eval or self.num_generations
-            if (self.per_device_eval_batch_size * num_processes) % num_generations != 0:
-                raise ValueError(
-                    f"The global eval batch size ({self.per_device_eval_batch_size} * {num_processes}) must be "
-                    f"divisible by the number of generations used for evaluation ({num_generations})."
-                )
-        if self.generation_batch_size % self.num_generations != 0:
-            raise ValueError(
-                f"generation_batch_size ({self.generation_batch_size}) must be divisible by num_generations "
-                f"({self.num_generations})."
-            )
-        if self.num_generations < 2:
-            raise ValueError(
-                f"GRPO needs at least 2 generations per prompt for the advantages; got {self.num_generations}."
-            )
+        _resolve_generation_batch(self, "GRPO")
         if self.vllm_importance_sampling_cap is not None:
             self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
+
+
+@dataclass
+class RLOOConfig(BaseConfig):
+    """Fields and defaults of `trl.RLOOConfig` (1.16) + `JAX_FIELDS` + `GENERATION_JAX_FIELDS`.
+
+    The generation fields are GRPO's (see `GRPOConfig`, including `decode_layout` / `decode_block_size`); RLOO's
+    own: `beta` (KL coefficient, in the reward), `normalize_advantages`, `reward_clip_range`.
+    """
+
+    learning_rate: float = 1e-06
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    router_aux_loss_coef: float | None = None
+    disable_dropout: bool = False
+    remove_unused_columns: bool | None = False
+    num_generations: int | None = 2
+    num_generations_eval: int | None = None
+    max_completion_length: int | None = 512
+    ds3_gather_for_generation: bool = True
+    shuffle_dataset: bool | None = True
+    pad_to_multiple_of: int | str | None = 'auto'
+    generation_batch_size: int | None = None
+    steps_per_generation: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    generation_kwargs: dict | str | None = None
+    chat_template_kwargs: dict | str | None = None
+    repetition_penalty: float = 1.0
+    cache_implementation: str | None = None
+    use_vllm: bool = False
+    vllm_mode: str = 'colocate'
+    vllm_model_impl: str = 'vllm'
+    vllm_enable_sleep_mode: bool = False
+    vllm_structured_outputs_regex: str | None = None
+    vllm_server_base_url: str | None = None
+    vllm_server_host: str = '0.0.0.0'
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = 240.0
+    vllm_group_port: int = 51216
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_max_model_length: int | None = None
+    vllm_tensor_parallel_size: int = 1
+    beta: float = 0.05
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    reward_weights: list[float] | None = None
+    normalize_advantages: bool = False
+    reward_clip_range: tuple[float, float] | None = None
+    mask_truncated_completions: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    log_completions: bool = False
+    log_multimodal: bool = True
+    num_completions_to_print: int | None = None
+    log_unique_prompts: bool = False
+    use_transformers_continuous_batching: bool = False
+    transformers_continuous_batching_config: dict | str | None = None
+    use_transformers_paged: bool = False
+    decode_layout: str | None = "auto"
+    decode_block_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_generation_fields(self)
+        if self.use_transformers_paged:
+            self.use_transformers_continuous_batching = True
+        if self.reward_clip_range is not None:
+            if len(self.reward_clip_range) != 2 or float(self.reward_clip_range[0]) > float(self.reward_clip_range[1]):
+                raise ValueError(
+                    f"`reward_clip_range` must be (min, max) with min <= max, got {self.reward_clip_range!r}.")
+            self.reward_clip_range = (float(self.reward_clip_range[0]), float(self.reward_clip_range[1]))
+        _resolve_generation_batch(self, "RLOO")
 
 
 @dataclass

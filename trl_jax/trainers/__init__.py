@@ -8,6 +8,8 @@ from trl_jax.trainers.grpo import GRPOTrainer
 from trl_jax.trainers.kto import KTOTrainer
 from trl_jax.trainers.online_dpo import OnlineDPOTrainer
 from trl_jax.trainers.reward import RewardTrainer
+from trl_jax.trainers.rloo import RLOOTrainer
 from trl_jax.trainers.sft import SFTTrainer
 
-__all__ = ["BaseTrainer", "DistillationTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "OnlineDPOTrainer", "RewardTrainer", "SFTTrainer", "TrainOutput", "TrainerControl", "TrainerState"]
+__all__ = ["BaseTrainer", "DistillationTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "OnlineDPOTrainer",
+           "RewardTrainer", "RLOOTrainer", "SFTTrainer", "TrainOutput", "TrainerControl", "TrainerState"]

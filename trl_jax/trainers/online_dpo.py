@@ -57,7 +57,7 @@ from trl_jax.models.model import final_logit_softcapping
 from trl_jax.ops.masking import masked_sum
 from trl_jax.parallel.distributed import is_multiprocess
 from trl_jax.trainers.base import BaseTrainer, LocalBatch, prompt_columns, reject_unsupported, take_rows
-from trl_jax.trainers.grpo import GRPOTrainer, _left_pad, _round_up
+from trl_jax.trainers.online import OnlineTrainer, _left_pad, _round_up
 from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
 _PROMPT_BUCKET = 8
@@ -186,16 +186,16 @@ class OnlineDPOTrainer(BaseTrainer):
     def _ref_params_for_state(self):
         return self.ref_model_params
 
-    # ------------------------------------------------------------------ rewards (GRPO's reward machinery, shared)
-    _setup_rewards = GRPOTrainer._setup_rewards
-    _call_reward_func = GRPOTrainer._call_reward_func
-    _find_offender = staticmethod(GRPOTrainer._find_offender)
-    _reward_model_scores = GRPOTrainer._reward_model_scores
-    _fetch_reward_model_scores = GRPOTrainer._fetch_reward_model_scores
-    _dispatch_reward_model = GRPOTrainer._dispatch_reward_model  # bucketed lengths, scored while Python rewards run
-    _calculate_rewards = GRPOTrainer._calculate_rewards
-    _log_metric = GRPOTrainer._log_metric
-    _sample = GRPOTrainer._sample  # the jitted sampler call, with this trainer's _sampling_kwargs
+    # ------------------------------------------------------------------ rewards (the online layer's reward machinery)
+    _setup_rewards = OnlineTrainer._setup_rewards
+    _call_reward_func = OnlineTrainer._call_reward_func
+    _find_offender = staticmethod(OnlineTrainer._find_offender)
+    _reward_model_scores = OnlineTrainer._reward_model_scores
+    _fetch_reward_model_scores = OnlineTrainer._fetch_reward_model_scores
+    _dispatch_reward_model = OnlineTrainer._dispatch_reward_model  # bucketed lengths, scored while Python rewards run
+    _calculate_rewards = OnlineTrainer._calculate_rewards
+    _log_metric = OnlineTrainer._log_metric
+    _sample = OnlineTrainer._sample  # the jitted sampler call, with this trainer's _sampling_kwargs
 
     def total_rewards(self, rows, prompts, completions, completion_ids, contain_eos) -> np.ndarray:
         """``[N]`` scores: ``nansum`` over functions of ``reward x weight``, minus ``missing_eos_penalty`` where
