@@ -195,10 +195,6 @@ def trl_loss(p, batch, args):
               "completion_mask": mask, "advantages": torch.tensor(batch["advantages"]),
               "old_logps": (torch.tensor(batch["old_per_token_logps"]) * mask).sum(1)}
     model = p.torch_policy
-    # transformers' nn.Embedding(padding_idx=pad) drops the lookup gradient of the pad id's row; the tiny model's
-    # samples can hold the pad id as a real token, whose row trl_jax's embedding does train. Without padding_idx
-    # both sides compute the same gradient of the same loss.
-    model.model.embed_tokens.padding_idx = None
     model.zero_grad()
     loss = tr._compute_loss(model, inputs)
     loss.backward()

@@ -533,8 +533,6 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
     notes += floor_notes
     for k in cmp.not_judged:
         notes.append(f"{k} is reported but not judged: {not_judged[k]}")
-    if command in ONLINE:
-        notes += pad_token_notes(base["rollouts"])
     result = _summarise(command, config, cmp, sides, rtol=rtol, atol=atol, warmup=warmup, notes=notes,
                         n_steps=n_steps)
     if sides["trl_jax"].get("note"):
@@ -553,25 +551,6 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
             echo(f"[compare] matplotlib is not installed: no plot ({EXTRA_HINT})")
     echo(f"[compare] wrote {json_path}" + (f" and {result['png_path']}" if "png_path" in result else ""))
     return result
-
-
-def pad_token_notes(rollouts_path: str) -> list[str]:
-    """A note when trl_jax sampled the pad token inside completions: HF models built with
-    ``nn.Embedding(padding_idx=pad_token_id)`` give that embedding row no gradient, trl_jax's model does, so that
-    step's gradient (and the parameters after it) may differ. A trained model rarely samples its pad token; a random
-    one does."""
-    with open(rollouts_path, encoding="utf-8") as f:
-        rec = json.load(f)
-    pad = rec.get("pad_token_id")
-    if pad is None:
-        return []
-    steps = sorted({b.get("step") for b in rec["batches"] if any(pad in c for c in b["completion_ids"])} - {None})
-    if not steps:
-        return []
-    return [f"the sampled completions of step(s) {', '.join(map(str, steps))} contain the pad token (id {pad}) as a "
-            "sampled token: a transformers model whose config sets pad_token_id embeds it with "
-            "nn.Embedding(padding_idx=pad_token_id), which gives that row no gradient; trl_jax's embedding gets one, "
-            "so the gradient norm of those steps, and the parameters after them, may differ"]
 
 
 def _summarise(command, config, cmp: Comparison, sides, *, rtol, atol, warmup, notes, n_steps) -> dict:
