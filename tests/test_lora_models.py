@@ -5,7 +5,6 @@ loaded by trl_jax, and trl_jax's adapters saved in PEFT's format load in ``peft.
 1e-4 (fp32) both ways, for several target sets."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,6 @@ every ``ref_model_sync_steps`` steps with weight ``ref_model_mixup_alpha``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,41 +23,11 @@ from trl_jax.data.collators import DataCollatorForPreference
 from trl_jax.data.tokenization import prepare_preference_dataset
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.dpo import DPOTokenInputs, dpo_loss_terms_from_token_logps
-from trl_jax.ops import fused_log_probs
-from trl_jax.models.model import final_logit_softcapping
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
+from trl_jax.trainers.token_stats import sequence_token_stats
 
 _PAIRED = ("input_ids", "attention_mask", "completion_mask", "position_ids", "segment_ids")
-
-
-def shifted_completion(batch):
-    """``[N, L]`` ids/mask -> next-token targets and their completion mask (last column never counted)."""
-    ids, cmask = batch["input_ids"], batch["completion_mask"]
-    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-    mask = jnp.concatenate([cmask[:, 1:], jnp.zeros_like(cmask[:, :1])], axis=1).astype(bool)
-    return targets, mask
-
-
-def sequence_token_stats(model, params, batch, chunk_size: int, *, extras: bool):
-    """Per-token log-probs (and optionally entropy, top-1 flags, log Σp², mean logits) of the completion tokens.
-
-    ``batch``: ``[N, L]`` arrays (``input_ids``, ``position_ids``, ``segment_ids``, ``completion_mask``).
-    Returns a dict of ``[N, L]`` arrays; position ``t`` scores token ``t + 1``.
-    """
-    hidden = model.hidden_states(params, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
-    weight = model.lm_head_weight(params)
-    cap = final_logit_softcapping(model)
-    targets, mask = shifted_completion(batch)
-    if not extras:
-        return {"logps": fused_log_probs(hidden, weight, targets, chunk_size=chunk_size, mask=mask,
-                                         final_logit_softcapping=cap), "mask": mask}
-    logps, ent, top1, lsq = fused_log_probs(
-        hidden, weight, targets, chunk_size=chunk_size, mask=mask, final_logit_softcapping=cap,
-        return_entropy=True, return_top1=True, return_log_sum_sq_probs=True,
-    )
-    mean_logits = jnp.einsum("...d,d->...", hidden.astype(jnp.float32), jnp.mean(weight.astype(jnp.float32), axis=1))
-    return {"logps": logps, "mask": mask, "entropy": ent, "top1": top1, "lsq": lsq, "mean_logits": mean_logits}
 
 
 class DPOTrainer(ReferenceModelMixin, BaseTrainer):

@@ -23,7 +23,7 @@ from trl_jax.data.tokenization import prepare_unpaired_preference_dataset
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.kto import kto_loss
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
-from trl_jax.trainers.dpo import sequence_token_stats
+from trl_jax.trainers.token_stats import sequence_token_stats
 from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
 
 _SEQ = ("input_ids", "attention_mask", "completion_mask", "position_ids", "segment_ids")

@@ -49,7 +49,7 @@ class PeftMixin:
     def _setup_peft(self, model, params, model_path, peft_config):
         """``(model, params, model_path)`` with adapters when ``peft_config`` is given or ``model_path`` is a
         PEFT adapter directory; otherwise unchanged."""
-        from trl_jax.models.peft_io import add_adapters, is_adapter_dir, load_adapter
+        from trl_jax.models.peft_io import add_adapters, load_adapter
 
         adapter_dir = getattr(self, "_adapter_dir", None)
         if peft_config is None and adapter_dir is None:
