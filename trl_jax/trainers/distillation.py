@@ -49,37 +49,9 @@ from trl_jax.train.precision import cast_floating
 from trl_jax.trainers.base import (_DTYPES, BaseTrainer, LocalBatch, _dtype, prompt_columns, reject_unsupported,
                                    take_rows)
 from trl_jax.trainers.logging import AppendFile, truncate_jsonl
+from trl_jax.trainers.online import _StepWithHostMetrics, completion_metrics  # the online layer's helpers
 
 _PROMPT_BUCKET = 8
-
-
-class _StepWithHostMetrics:
-    """The compiled train step, with this step's host-side generation metrics added to its metrics."""
-
-    def __init__(self, inner, trainer):
-        self._inner, self._trainer = inner, trainer
-
-    def __call__(self, state, batch):
-        state, metrics = self._inner(state, batch)
-        return state, {**metrics, **self._trainer._step_host_metrics}
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-def completion_metrics(lengths: np.ndarray, truncated: np.ndarray) -> dict[str, float]:
-    """TRL's ``completions/*`` metrics from completion lengths ``[B]`` and not-ended-with-EOS flags ``[B]``."""
-    lengths = lengths.astype(np.float64)
-    term = lengths[~truncated] if (~truncated).any() else np.zeros(1)
-    return {
-        "completions/mean_length": float(lengths.mean()),
-        "completions/min_length": float(lengths.min()),
-        "completions/max_length": float(lengths.max()),
-        "completions/clipped_ratio": float(truncated.mean()),
-        "completions/mean_terminated_length": float(term.mean()),
-        "completions/min_terminated_length": float(term.min()),
-        "completions/max_terminated_length": float(term.max()),
-    }
 
 
 class DistillationTrainer(BaseTrainer):

@@ -129,6 +129,21 @@ def reward_func_name(func) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
+def completion_metrics(lengths: np.ndarray, truncated: np.ndarray) -> dict[str, float]:
+    """TRL's ``completions/*`` metrics from completion lengths ``[B]`` and not-ended-with-EOS flags ``[B]``."""
+    lengths = lengths.astype(np.float64)
+    term = lengths[~truncated] if (~truncated).any() else np.zeros(1)
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(truncated.mean()),
+        "completions/mean_terminated_length": float(term.mean()),
+        "completions/min_terminated_length": float(term.min()),
+        "completions/max_terminated_length": float(term.max()),
+    }
+
+
 class _StepWithHostMetrics:
     """Wraps the compiled train step: adds this step's host-side generation metrics to the returned metrics."""
 
@@ -618,17 +633,7 @@ class OnlineTrainer(ReferenceModelMixin, BaseTrainer):
         advantages = np.asarray(advantages, np.float32)
         arrays["advantages"] = advantages
         arrays["num_items_in_batch"] = np.full((n,), float(loss_mask.sum()), np.float32)
-        lengths_f = lengths.astype(np.float64)
-        term = lengths_f[~truncated] if (~truncated).any() else np.zeros(1)
-        metrics = {
-            "completions/mean_length": float(lengths_f.mean()),
-            "completions/min_length": float(lengths_f.min()),
-            "completions/max_length": float(lengths_f.max()),
-            "completions/clipped_ratio": float(truncated.mean()),
-            "completions/mean_terminated_length": float(term.mean()),
-            "completions/min_terminated_length": float(term.min()),
-            "completions/max_terminated_length": float(term.max()),
-        }
+        metrics = completion_metrics(lengths, truncated)
         metrics.update({k: float(v) for k, v in jax.device_get(adv_metrics).items()})
         metrics.update({k: float(np.mean(v)) for k, v in self._user_metrics.items()})
         # this process's rows' tokens (the loop sums the counters over processes)
