@@ -37,7 +37,6 @@ import numpy as np
 
 from trl_jax.configs import DistillationConfig
 from trl_jax.data.decode import decode_and_strip_padding
-from trl_jax.data.formats import is_conversational
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.distillation import distillation_loss
 from trl_jax.models.model import final_logit_softcapping
@@ -49,7 +48,7 @@ from trl_jax.train.precision import cast_floating
 from trl_jax.trainers.base import (_DTYPES, BaseTrainer, LocalBatch, _dtype, prompt_columns, reject_unsupported,
                                    take_rows)
 from trl_jax.trainers.logging import AppendFile, truncate_jsonl
-from trl_jax.trainers.online import _StepWithHostMetrics, completion_metrics  # the online layer's helpers
+from trl_jax.trainers.online import _StepWithHostMetrics, completion_metrics, tokenize_prompts  # shared layer
 
 _PROMPT_BUCKET = 8
 
@@ -152,19 +151,7 @@ class DistillationTrainer(BaseTrainer):
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, split):
         prompt_columns(dataset, split, "DistillationTrainer")
-        tok = self.processing_class
-        kw = self.args.chat_template_kwargs if isinstance(self.args.chat_template_kwargs, dict) else {}
-
-        def tokenize(example):
-            p = example["prompt"]
-            if is_conversational({"prompt": p}):
-                ids = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                              **kw)["input_ids"]
-            else:
-                ids = tok(text=p)["input_ids"]
-            return {"prompt_ids": list(ids)}
-
-        dataset = dataset.map(tokenize)
+        dataset = tokenize_prompts(dataset, self.processing_class, self.args.chat_template_kwargs)
         self._prompt_len[split] = max(len(x) for x in dataset["prompt_ids"])
         return dataset
 

@@ -129,6 +129,23 @@ def reward_func_name(func) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
+def tokenize_prompts(dataset, tokenizer, chat_template_kwargs=None):
+    """Each row's ``prompt`` as ``prompt_ids`` (conversational prompts through the chat template with the
+    generation prompt, as TRL's sampling trainers tokenize them)."""
+    kw = chat_template_kwargs if isinstance(chat_template_kwargs, dict) else {}
+
+    def tokenize(example):
+        p = example["prompt"]
+        if is_conversational({"prompt": p}):
+            ids = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                **kw)["input_ids"]
+        else:
+            ids = tokenizer(text=p)["input_ids"]
+        return {"prompt_ids": list(ids)}
+
+    return dataset.map(tokenize)
+
+
 def completion_metrics(lengths: np.ndarray, truncated: np.ndarray) -> dict[str, float]:
     """TRL's ``completions/*`` metrics from completion lengths ``[B]`` and not-ended-with-EOS flags ``[B]``."""
     lengths = lengths.astype(np.float64)
@@ -428,19 +445,7 @@ class OnlineTrainer(ReferenceModelMixin, BaseTrainer):
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, split):
         prompt_columns(dataset, split, type(self).__name__)
-        tok = self.processing_class
-        kw = self.args.chat_template_kwargs if isinstance(self.args.chat_template_kwargs, dict) else {}
-
-        def tokenize(example):
-            p = example["prompt"]
-            if is_conversational({"prompt": p}):
-                ids = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                              **kw)["input_ids"]
-            else:
-                ids = tok(text=p)["input_ids"]
-            return {"prompt_ids": list(ids)}
-
-        dataset = dataset.map(tokenize)
+        dataset = tokenize_prompts(dataset, self.processing_class, self.args.chat_template_kwargs)
         self._prompt_len[split] = max(len(x) for x in dataset["prompt_ids"])
         return dataset
 
