@@ -169,6 +169,9 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
     ``SEQ_CLS``), list entries match a module name exactly or as a dotted suffix, one string is a full-match
     regex, ``layers_to_transform`` / ``layers_pattern`` select layers, ``modules_to_save`` and ``exclude_modules``
     are never adapted. Raises ``ValueError`` naming the option for what trl_jax does not implement."""
+    if not isinstance(peft_config, dict) and not hasattr(peft_config, "r"):
+        raise TypeError(f"peft_config must be a peft.LoraConfig (or trl_jax.models.lora.LoraConfig, or a dict of its "
+                        f"fields); got {type(peft_config).__name__}.")
     r = int(_get(peft_config, "r", 8))
     if r < 1:
         raise ValueError(f"LoRA rank r must be >= 1, got {r}.")
