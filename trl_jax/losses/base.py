@@ -29,3 +29,21 @@ class LossTerms(NamedTuple):
 
 def as_f32(x) -> jax.Array:
     return jnp.asarray(x, dtype=jnp.float32)
+
+
+def reward_metrics(rewards_per_func, weighted_sum, group_std, reward_func_names) -> dict:
+    """TRL's per-generation-batch reward metrics of GRPO and RLOO: ``rewards/<name>/mean|std`` of each
+    function's ``[N]`` column of ``rewards_per_func [N, F]`` (NaN = not scored), ``reward`` / ``reward_std`` of
+    the weighted sum ``[N]``, and ``frac_reward_zero_std`` from the per-row group std ``[N]`` (torch.isclose's
+    defaults; False for a NaN std)."""
+    from trl_jax.ops.masking import nanmean, nanstd
+
+    metrics = {}
+    for i, name in enumerate(reward_func_names):
+        metrics[f"rewards/{name}/mean"] = nanmean(rewards_per_func[:, i])
+        metrics[f"rewards/{name}/std"] = nanstd(rewards_per_func[:, i])
+    metrics["reward"] = nanmean(weighted_sum)
+    metrics["reward_std"] = nanstd(weighted_sum)
+    metrics["frac_reward_zero_std"] = jnp.mean(jnp.isclose(group_std, 0.0).astype(jnp.float32))
+    return metrics
+

@@ -23,7 +23,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from trl_jax.losses.base import LossTerms, as_f32
+from trl_jax.losses.base import LossTerms, as_f32, reward_metrics
 from trl_jax.ops.masking import nanmax, nanmean, nanmin, nanstd
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -135,17 +135,8 @@ def grpo_advantages(
             f"Invalid multi_objective_aggregation: {multi_objective_aggregation!r}. Must be 'sum_then_normalize' "
             "or 'normalize_then_sum'."
         )
-    is_std_zero = jnp.isclose(std, 0.0)  # torch.isclose defaults (rtol=1e-5, atol=1e-8); False for NaN std
     advantages = jnp.nan_to_num(advantages, nan=0.0)
-
-    metrics = {}
-    for i, name in enumerate(reward_func_names):
-        metrics[f"rewards/{name}/mean"] = nanmean(r[:, i])
-        metrics[f"rewards/{name}/std"] = nanstd(r[:, i])
-    metrics["reward"] = nanmean(weighted_sum)
-    metrics["reward_std"] = nanstd(weighted_sum)
-    metrics["frac_reward_zero_std"] = jnp.mean(is_std_zero.astype(jnp.float32))
-    return advantages, metrics
+    return advantages, reward_metrics(r, weighted_sum, std, reward_func_names)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from trl_jax.losses.base import LossTerms, as_f32
+from trl_jax.losses.base import LossTerms, as_f32, reward_metrics
 from trl_jax.ops.masking import nanmax, nanmean, nanmin, nanstd
 
 _STD_EPS = 1e-4  # TRL's guard in ``A / (std + 1e-4)``
@@ -100,14 +100,7 @@ def rloo_advantages(
     if normalize_advantages:
         advantages = (advantages - nanmean(advantages)) / (nanstd(advantages) + _STD_EPS)
     advantages = jnp.nan_to_num(advantages, nan=0.0)
-    is_std_zero = jnp.isclose(std, 0.0)  # torch.isclose defaults; False for NaN std
-
-    for i, name in enumerate(reward_func_names):
-        metrics[f"rewards/{name}/mean"] = nanmean(r[:, i])
-        metrics[f"rewards/{name}/std"] = nanstd(r[:, i])
-    metrics["reward"] = nanmean(weighted_sum)
-    metrics["reward_std"] = nanstd(weighted_sum)
-    metrics["frac_reward_zero_std"] = jnp.mean(is_std_zero.astype(jnp.float32))
+    metrics.update(reward_metrics(r, weighted_sum, std, reward_func_names))
     return advantages, metrics
 
 

@@ -29,6 +29,8 @@ loop its rows (``LocalBatch``), and process 0 alone decodes every row for the co
 
 from __future__ import annotations
 
+import abc
+
 import collections
 import json
 import math
@@ -713,14 +715,14 @@ class OnlineTrainer(ReferenceModelMixin, BaseTrainer):
         the host work (decoding, reward functions) and handed to :meth:`compute_advantages` as ``pending``."""
         return None
 
+    @abc.abstractmethod
     def compute_advantages(self, rewards_per_func, arrays, *, num_generations: int, pending=None):
         """``(advantages [N], generation metrics)`` from the gathered ``[N, F]`` rewards; ``arrays`` holds the
         generation batch (with ``old_per_token_logps`` when kept)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss_terms(self, params, batch, ref_params=None, *, training=True) -> LossTerms:
         """One micro-batch's loss terms and metrics (TRL's names)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ logging
     def _after_step(self, done: int) -> None:
