@@ -8,7 +8,7 @@ checked on padded (left and right) and packed batches, scanned and unrolled laye
 against transformers' own cached decoding, the sampler, the save -> transformers round trip, the
 sequence-classification head, and one SFT and one GRPO run (whose first-batch SFT loss equals transformers').
 Qwen3-MoE and Mixtral (4 experts, top 2): logits, cached decoding, round trip, the load-balancing loss, expert-axis
-sharding, SFT (with the aux term) and GRPO. LoRA adapters from PEFT on Gemma 2 and Qwen3-MoE give PEFT's logits.
+sharding, SFT (with the aux term), DPO and KTO (TRL's aux term, router_aux_loss_coef) and GRPO. LoRA adapters from PEFT on Gemma 2 and Qwen3-MoE give PEFT's logits.
 """
 
 from __future__ import annotations
@@ -244,6 +244,52 @@ def test_sft_and_grpo_train_end_to_end(name, trainer_models, tmp_path, trl_jax_c
         assert all(np.isfinite(r["aux_loss"]) for r in sft.log_history if "loss" in r)
     after = jax.tree.leaves(jax.tree.map(np.asarray, grpo.state.params))
     assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(before), after))
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_preference_losses_add_the_moe_load_balancing_loss_as_trl(kind, trainer_models, tmp_path):
+    """DPO and KTO on Qwen3-MoE: TRL's ``loss + router_aux_loss_coef * aux_loss`` with ``aux_loss`` transformers'
+    load-balancing loss of the policy forward (chosen and rejected rows as one batch for DPO; the completion rows,
+    not the KL rows, for KTO), logged as ``aux_loss``. ``router_aux_loss_coef`` set in the config replaces the
+    checkpoint's (0 turns it off); set on a dense model it is an error, as in TRL."""
+    from trl_jax.configs import DPOConfig, KTOConfig
+    from trl_jax.data.formats import unpair_preference_dataset
+    from trl_jax.data.loading import load_dataset_any
+    from trl_jax.trainers import DPOTrainer, KTOTrainer
+    from trl_jax.trainers.base import take_rows
+
+    tm, path = trainer_models["qwen3_moe"]
+    rows = load_dataset_any("builtin:arithmetic_preference").select(range(8))
+    cls, cfg = (DPOTrainer, DPOConfig) if kind == "dpo" else (KTOTrainer, KTOConfig)
+    data = rows if kind == "dpo" else unpair_preference_dataset(rows)
+    common = dict(per_device_train_batch_size=4, max_length=48, save_strategy="no", bf16=False, report_to="none",
+                  disable_tqdm=True)
+
+    def loss_and_batch(coef):
+        tr = cls(path, args=cfg(output_dir=str(tmp_path / f"{kind}{coef}"), router_aux_loss_coef=coef, **common),
+                 train_dataset=data)
+        batch = {k: jnp.asarray(v) for k, v in tr._make_batch(take_rows(tr.train_dataset, [0, 1, 2, 3]), 4).items()}
+        return tr, batch, tr.loss_fn(tr.params, batch, None, ref_params=tr.params)
+
+    tr, batch, terms = loss_and_batch(None)
+    assert tr.router_aux_loss_coef == pytest.approx(tm.config.router_aux_loss_coef) and tr.router_aux_loss_coef > 0
+    _, _, off = loss_and_batch(0.0)
+    _, _, half = loss_and_batch(0.5)
+    assert "aux_loss" not in off.metrics
+    if kind == "dpo":  # the policy forward: chosen rows then rejected rows
+        ids = np.concatenate([batch["input_ids"][:, 0], batch["input_ids"][:, 1]])
+        mask = np.concatenate([batch["attention_mask"][:, 0], batch["attention_mask"][:, 1]])
+    else:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        ref = tm(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long),
+                 attention_mask=torch.as_tensor(np.asarray(mask)), output_router_logits=True).aux_loss.item()
+    assert float(terms.metrics["aux_loss"]) == pytest.approx(ref, abs=1e-5)
+    for t, coef in ((terms, tm.config.router_aux_loss_coef), (half, 0.5)):
+        assert float(t.loss) == pytest.approx(float(off.loss) + coef * ref, abs=1e-5)
+    with pytest.raises(ValueError, match="not a mixture-of-experts model"):
+        cls(trainer_models["phi3"][1], args=cfg(output_dir=str(tmp_path / "dense"), router_aux_loss_coef=0.5,
+                                                **common), train_dataset=data)
 
 
 def test_splash_soft_capped_attention_equals_xla(monkeypatch):

@@ -129,9 +129,6 @@ NOT_SUPPORTED_FIELDS: dict[str, str] = {
     "include_num_input_tokens_seen": "`num_tokens` (cumulative) is logged with every record",
     "label_smoothing_factor": "label smoothing is not implemented",
     "restore_callback_states_from_checkpoint": "callback states are not saved in checkpoints",
-    "router_aux_loss_coef": ("leave it unset: SFT and GRPO add the checkpoint's router_aux_loss_coef x the "
-                             "load-balancing loss for mixture-of-experts models (TRL's default); other coefficients "
-                             "are not implemented"),
     "save_only_model": "checkpoints always hold the whole train state; save_model() writes the model alone",
     "trackio_space_id": "trackio logging is not implemented; use report_to tensorboard or wandb",
     "trackio_bucket_id": "trackio logging is not implemented; use report_to tensorboard or wandb",

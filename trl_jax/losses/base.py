@@ -27,6 +27,14 @@ class LossTerms(NamedTuple):
         return self.numerator / jnp.where(self.denominator == 0, 1.0, self.denominator)
 
 
+def with_router_aux_loss(terms: LossTerms, aux_loss: jax.Array, coef: float) -> LossTerms:
+    """TRL's ``loss + router_aux_loss_coef * aux_loss`` for one forward of a mixture-of-experts model, folded into
+    the numerator so that ``numerator / denominator`` is that sum; logs ``aux_loss`` (fp32 scalar)."""
+    aux_loss = as_f32(aux_loss)
+    return terms._replace(numerator=terms.numerator + coef * aux_loss * terms.denominator,
+                          metrics={**terms.metrics, "aux_loss": jax.lax.stop_gradient(aux_loss)})
+
+
 def as_f32(x) -> jax.Array:
     return jnp.asarray(x, dtype=jnp.float32)
 

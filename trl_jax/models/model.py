@@ -211,11 +211,23 @@ class CausalLM:
         return self.logits_from_hidden(params, h[:, 0]), cache
 
 
-def router_aux_loss_coef(model) -> float:
-    """The weight of the load-balancing loss TRL adds for mixture-of-experts models (the checkpoint's
-    ``router_aux_loss_coef``, as TRL's default ``router_aux_loss_coef=None`` takes it); 0 for dense models."""
+def router_aux_loss_coef(model, configured: float | None = None) -> float:
+    """The weight of the load-balancing loss TRL adds to the training loss of mixture-of-experts models.
+
+    ``configured``: the trainer config's ``router_aux_loss_coef``. ``None`` (TRL's default) takes the checkpoint's
+    own ``router_aux_loss_coef``; a number replaces it (``0.0`` turns the term off). Dense models get 0, and a
+    non-zero ``configured`` on a dense model is a ``ValueError`` (as TRL: there are no router logits to weight).
+    """
     cfg = getattr(model, "config", None)
-    return float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0) if getattr(cfg, "num_experts", 0) else 0.0
+    moe = bool(getattr(cfg, "num_experts", 0))
+    if configured is None:
+        return float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0) if moe else 0.0
+    if configured and not moe:
+        raise ValueError(
+            f"router_aux_loss_coef is set to {configured} but the model ({getattr(cfg, 'model_type', '?')}) is not a "
+            "mixture-of-experts model, so there is no load-balancing loss to weight: leave router_aux_loss_coef "
+            "unset.")
+    return float(configured) if moe else 0.0
 
 
 def final_logit_softcapping(model) -> float | None:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trl_jax.losses.base import LossTerms
+from trl_jax.models.model import router_aux_loss_coef
 from trl_jax.parallel import batch_parallel_size, make_mesh
 from trl_jax.parallel.distributed import (gather_to_host, is_main_process, is_multiprocess, make_global_batch,
                                           pad_to_common_shape, process_rows, sum_over_processes, sync_processes)
@@ -127,6 +128,8 @@ class BaseTrainer(PeftMixin, abc.ABC):
         self.mesh = _make_mesh(args)
         self.model, self.params, model_path = self._load_model(model)
         self.model, self.params, model_path = self._setup_peft(self.model, self.params, model_path, peft_config)
+        # mixture-of-experts models: the weight of the load-balancing loss added to the training loss (TRL's rule)
+        self.router_aux_loss_coef = router_aux_loss_coef(self.model, getattr(args, "router_aux_loss_coef", None))
         self.processing_class = self._load_tokenizer(processing_class, model_path)
         self.ref_model_params = self._resolve_ref_model(ref_model)
         self.train_dataset = self._checked(train_dataset, "train")

@@ -21,7 +21,7 @@ import numpy as np
 from trl_jax.configs import DPOConfig
 from trl_jax.data.collators import DataCollatorForPreference
 from trl_jax.data.tokenization import prepare_preference_dataset
-from trl_jax.losses.base import LossTerms
+from trl_jax.losses.base import LossTerms, with_router_aux_loss
 from trl_jax.losses.dpo import DPOTokenInputs, dpo_loss_terms_from_token_logps
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 from trl_jax.trainers.reference import ReferenceModelMixin, reference_value
@@ -98,7 +98,9 @@ class DPOTrainer(ReferenceModelMixin, BaseTrainer):
         args = self.args
         b = batch["input_ids"].shape[0]
         flat = {k: jnp.concatenate([batch[k][:, 0], batch[k][:, 1]], axis=0) for k in _PAIRED}  # [2b, L]
-        pol = sequence_token_stats(self.model, params, flat, args.logprob_chunk_size, extras=True)
+        coef = self.router_aux_loss_coef  # mixture of experts: TRL adds coef * the policy forward's aux loss
+        pol = sequence_token_stats(self.model, params, flat, args.logprob_chunk_size, extras=True,
+                                   router_aux=bool(coef))
         ref_kw = {}
         if "ref_chosen_logps" in batch:
             ref_kw = dict(ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"])
@@ -123,9 +125,10 @@ class DPOTrainer(ReferenceModelMixin, BaseTrainer):
             chosen_is_top1=pol["top1"][:b],
             **ref_kw,
         )
-        return dpo_loss_terms_from_token_logps(
+        terms = dpo_loss_terms_from_token_logps(
             tokens, ld_alpha=args.ld_alpha, use_weighting=args.use_weighting, beta=self._beta(),
             loss_type=args.loss_type, loss_weights=args.loss_weights, label_smoothing=args.label_smoothing,
             f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
             discopop_tau=args.discopop_tau, example_mask=batch["example_mask"],
         )
+        return with_router_aux_loss(terms, pol["aux_loss"], coef) if coef else terms

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from trl_jax.configs import GRPOConfig
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.grpo import grpo_advantages, grpo_loss
-from trl_jax.models.model import router_aux_loss_coef
 from trl_jax.trainers.online import (  # noqa: F401 - re-exported: the online layer's helpers, by their old path
     REWARD_MODEL_MIN_BUCKET,
     OnlineTrainer,
@@ -63,7 +62,7 @@ class GRPOTrainer(OnlineTrainer):
     def grpo_loss_terms(self, params, batch, ref_params=None, *, training=True) -> LossTerms:
         """TRL's micro-batch loss terms (``grpo_loss``) for one micro-batch of generated rows."""
         args = self.args
-        coef = router_aux_loss_coef(self.model)  # TRL's default for mixture-of-experts models: the checkpoint's
+        coef = self.router_aux_loss_coef  # mixture of experts: the config's, else the checkpoint's (TRL)
         aux = None
         if coef:
             (logps, ent), aux = self._token_logps(params, batch, entropy=True, aux_loss=True)

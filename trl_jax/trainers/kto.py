@@ -20,7 +20,7 @@ import numpy as np
 from trl_jax.configs import KTOConfig
 from trl_jax.data.collators import DataCollatorForUnpairedPreference
 from trl_jax.data.tokenization import prepare_unpaired_preference_dataset
-from trl_jax.losses.base import LossTerms
+from trl_jax.losses.base import LossTerms, with_router_aux_loss
 from trl_jax.losses.kto import kto_loss
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 from trl_jax.trainers.token_stats import sequence_token_stats
@@ -115,7 +115,8 @@ class KTOTrainer(ReferenceModelMixin, BaseTrainer):
     def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
         args = self.args
         chunk = args.logprob_chunk_size
-        pol = sequence_token_stats(self.model, params, _part(batch, ""), chunk, extras=True)
+        coef = self.router_aux_loss_coef  # mixture of experts: TRL adds coef * the policy forward's aux loss
+        pol = sequence_token_stats(self.model, params, _part(batch, ""), chunk, extras=True, router_aux=bool(coef))
         policy_logps = _seq_sum(pol)
         kl_kwargs = {}
         policy_kl = None
@@ -140,9 +141,10 @@ class KTOTrainer(ReferenceModelMixin, BaseTrainer):
                     policy_kl,
                     lambda rp: _seq_sum(sequence_token_stats(self.model, rp, _part(batch, "KL_"), chunk, extras=False)),
                     params, ref_params)
-        return kto_loss(
+        terms = kto_loss(
             policy_logps, ref_logps, batch["label"], beta=args.beta, loss_type=args.loss_type,
             desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
             example_mask=batch["example_mask"], loss_mask=pol["mask"], per_token_entropy=pol["entropy"],
             per_token_mean_logits=pol["mean_logits"], **kl_kwargs,
         )
+        return with_router_aux_loss(terms, pol["aux_loss"], coef) if coef else terms

@@ -26,7 +26,6 @@ import numpy as np
 from trl_jax.configs import RLOOConfig
 from trl_jax.losses.base import LossTerms
 from trl_jax.losses.rloo import rloo_advantages, rloo_loss
-from trl_jax.models.model import router_aux_loss_coef
 from trl_jax.parallel.distributed import gather_to_host
 from trl_jax.trainers.online import OnlineTrainer
 from trl_jax.trainers.reference import reference_value
@@ -81,7 +80,7 @@ class RLOOTrainer(OnlineTrainer):
     def loss_terms(self, params, batch, ref_params=None, *, training=True) -> LossTerms:
         """TRL's ``_compute_loss`` for one micro-batch of generated rows (``old_logps``: the sequence sums of
         ``old_per_token_logps`` when the buffer outlives one step, else the current ones: ratio exactly 1)."""
-        coef = router_aux_loss_coef(self.model)
+        coef = self.router_aux_loss_coef
         aux = None
         if coef:
             (logps, ent), aux = self._token_logps(params, batch, entropy=True, aux_loss=True)

@@ -14,10 +14,10 @@ import numpy as np
 from trl_jax.configs import SFTConfig
 from trl_jax.data.collators import DataCollatorForLanguageModeling
 from trl_jax.data.tokenization import prepare_sft_dataset
-from trl_jax.losses.base import LossTerms
+from trl_jax.losses.base import LossTerms, with_router_aux_loss
 from trl_jax.losses.sft import shift_labels, sft_loss
 from trl_jax.ops import fused_log_probs
-from trl_jax.models.model import final_logit_softcapping, router_aux_loss_coef
+from trl_jax.models.model import final_logit_softcapping
 from trl_jax.models.moe import router_aux_loss
 from trl_jax.trainers.base import BaseTrainer, reject_unsupported
 
@@ -72,7 +72,7 @@ class SFTTrainer(BaseTrainer):
     def loss_fn(self, params, batch, rng, ref_params=None) -> LossTerms:
         model = self.model
         inputs = (params, batch["input_ids"], batch["position_ids"], batch["segment_ids"])
-        aux_coef = router_aux_loss_coef(model)
+        aux_coef = self.router_aux_loss_coef
         if aux_coef:  # mixture of experts: TRL adds coef * the load-balancing loss (router logits of this forward)
             hidden, router_logits = model.hidden_states_and_router_logits(*inputs)
         else:
@@ -86,11 +86,9 @@ class SFTTrainer(BaseTrainer):
         terms = sft_loss(logps, loss_mask, loss_type=self.args.loss_type, per_token_entropy=entropy, is_top1=top1)
         if not aux_coef:
             return terms
-        # TRL: loss + coef * aux_loss per forward, aux over the tokens the attention mask keeps; folded into the
-        # numerator so that numerator / denominator is that sum
+        # TRL: loss + coef * aux_loss per forward, aux over the tokens the attention mask keeps
         aux = router_aux_loss(router_logits, model.config.num_experts_per_tok, batch["segment_ids"] != 0)
-        return terms._replace(numerator=terms.numerator + aux_coef * aux * terms.denominator,
-                              metrics={**terms.metrics, "aux_loss": aux})
+        return with_router_aux_loss(terms, aux, aux_coef)
 
     def completion_exact_match(self, dataset=None) -> float:
         """Fraction of rows whose every trained token (completion or assistant turn, with its EOS) is the model's
