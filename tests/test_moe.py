@@ -205,11 +205,16 @@ def test_qwen3_moe_mixed_dense_and_expert_layers_match_transformers(tmp_path_fac
         torch.testing.assert_close(sa[k], sb[k], atol=0, rtol=0, msg=k)
 
 
-def test_moe_impl_is_validated():
+def test_moe_impl_is_validated_and_a_trainer_config_field():
+    from trl_jax.configs import SFTConfig
     from trl_jax.models.config import ModelConfig
 
     with pytest.raises(ValueError, match="moe_impl"):
         ModelConfig("qwen3_moe", 97, 32, 64, 2, 4, 2, 8, num_experts=4, num_experts_per_tok=2, moe_impl="grouped")
+    assert SFTConfig(output_dir="/tmp/x").moe_implementation == "auto"
+    assert SFTConfig(output_dir="/tmp/x", moe_implementation="ragged").moe_implementation == "ragged"
+    with pytest.raises(ValueError, match="moe_implementation"):
+        SFTConfig(output_dir="/tmp/x", moe_implementation="grouped")
 
 
 def test_param_shardings_of_mixed_layers(tmp_path_factory):
