@@ -28,6 +28,8 @@ Parameter tree (HF names, linen leaves; logical axis names in brackets; ``layers
       mlp/gate_proj/kernel            [D, E, Fe]        (embed, expert, mlp)   ... and E experts in place of the
       mlp/up_proj/kernel              [D, E, Fe]        (embed, expert, mlp)       dense MLP kernels above
       mlp/down_proj/kernel            [E, Fe, D]        (expert, mlp, embed)
+                                      (Qwen3-MoE decoder_sparse_step / mlp_only_layers: unrolled layers, the dense
+                                      MLP kernels on the layers without experts)
     norm/scale                        [D]               (embed,)
     lm_head/kernel                    [D, V]            (embed, vocab)   untied causal LMs only
     score/kernel                      [D, num_labels]   (embed, labels)  sequence classification only
