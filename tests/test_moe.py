@@ -36,22 +36,14 @@ def _checkpoint(name, tmp_path_factory, **overrides):
     return _CACHE[key]
 
 
-def _loss(model):
-    def f(params, ids, pos, mask):
-        logits = model.logits(params, ids, pos, mask)
-        weights = jnp.cos(jnp.arange(logits.shape[-1], dtype=jnp.float32))  # a fixed, non-uniform readout
-        return jnp.sum(logits * weights * mask[..., None]) / jnp.sum(mask)
-    return f
-
-
 def _tree_close(a, b, **tol):
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path), **tol)
 
 
 def test_ragged_dispatch_equals_dense_and_transformers(tmp_path_factory):
-    """Qwen3-MoE: padded and packed logits (scanned and unrolled layers), cached decoding (the in-place decode path)
-    and gradients w.r.t. every parameter: ragged = dense = transformers."""
+    """Qwen3-MoE: padded and packed logits and cached decoding (the in-place decode path): ragged = dense =
+    transformers (scanned layers here; unrolled ones in the mixed-layers test; gradients: the mesh test)."""
     tm, d = _checkpoint("qwen3_moe", tmp_path_factory)
     model, params = from_pretrained(d, moe_impl="ragged")
     dense = CausalLM(model.config.replace(moe_impl="dense"), model.hf_config)
@@ -60,16 +52,11 @@ def test_ragged_dispatch_equals_dense_and_transformers(tmp_path_factory):
     out = np.asarray(jax.jit(model.logits)(params, ids, pos, mask))
     assert np.abs(out - ref)[mask.astype(bool)].max() <= ATOL
     np.testing.assert_allclose(out, np.asarray(jax.jit(dense.logits)(params, ids, pos, mask)), atol=1e-5, rtol=0)
-    model_u, params_u = from_pretrained(d, moe_impl="ragged", scan_layers=False)
-    np.testing.assert_allclose(np.asarray(jax.jit(model_u.logits)(params_u, ids, pos, mask)), out, atol=1e-5, rtol=0)
     pids, ppos, pseg, docs = packed_batch()
     pout = np.asarray(jax.jit(model.logits)(params, pids, ppos, pseg))
     for r, start, n, toks in docs:
         np.testing.assert_allclose(pout[r, start:start + n], torch_logits(tm, toks[None])[0], atol=ATOL, rtol=0)
     _check_cached_decoding(tm, model, params)
-    g_ragged = jax.jit(jax.grad(_loss(model)))(params, ids, pos, mask)
-    _tree_close(g_ragged, jax.jit(jax.grad(_loss(dense)))(params, ids, pos, mask), atol=2e-5, rtol=1e-4)
-    assert float(jnp.abs(g_ragged["layers"]["mlp"]["gate_proj"]["kernel"]).max()) > 0  # experts do get gradients
 
 
 def test_ragged_dispatch_mixtral_logits_match_transformers(tmp_path_factory):
@@ -102,7 +89,7 @@ def _layer_loss(layer):
 def test_ragged_dispatch_on_every_train_step_mesh(shape):
     """Under the train step's activation-sharding context (meshes of tests/test_train_step.py) the ragged dispatch
     runs per device (``shard_map`` over the batch axes, expert ``mlp`` columns over ``tensor`` + ``psum``): output
-    and gradients (params and input) equal one device's dense dispatch."""
+    and gradients (every param, router included, and the input) equal one device's dense dispatch."""
     layer, params, logical, x = _moe_layer("ragged")
     dense = _moe_layer("dense")[0]
     ref = jax.jit(jax.value_and_grad(_layer_loss(dense), argnums=(0, 1)))(params, x)
@@ -116,7 +103,9 @@ def test_ragged_dispatch_on_every_train_step_mesh(shape):
 
     jitted = jax.jit(step)
     assert "manual_computation" in jitted.lower(sharded, xs).as_text()  # the per-device (shard_map) dispatch
-    _tree_close(jitted(sharded, xs), ref, atol=2e-5, rtol=1e-5)
+    out = jitted(sharded, xs)
+    _tree_close(out, ref, atol=2e-5, rtol=1e-5)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(out[1]))  # every param gets gradient
 
 
 def _jaxpr_matmul_flops(jaxpr) -> float:
@@ -169,8 +158,9 @@ MIXED = dict(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[5])  #
 
 def test_qwen3_moe_mixed_dense_and_expert_layers_match_transformers(tmp_path_factory, caplog):
     """``decoder_sparse_step=2`` and ``mlp_only_layers``: layers 1 and 3 have experts, 0, 2, 4, 5 a dense MLP of
-    ``intermediate_size``. Scanned layers asked for -> unrolled (one log line); logits (dense and ragged dispatch),
-    the load-balancing loss over the expert layers, cached decoding and the save round trip equal transformers'."""
+    ``intermediate_size``. Scanned layers asked for -> unrolled (one log line); logits (ragged dispatch), the
+    load-balancing loss over the expert layers, cached decoding (dense dispatch, CPU's ``auto``) and the save round
+    trip equal transformers'."""
     tm, d = _checkpoint("qwen3_moe", tmp_path_factory, **MIXED)
     assert [type(layer.mlp).__name__ for layer in tm.model.layers] == [
         "Qwen3MoeMLP", "Qwen3MoeSparseMoeBlock", "Qwen3MoeMLP", "Qwen3MoeSparseMoeBlock", "Qwen3MoeMLP", "Qwen3MoeMLP"]
@@ -182,10 +172,9 @@ def test_qwen3_moe_mixed_dense_and_expert_layers_match_transformers(tmp_path_fac
     assert params["layers_1"]["mlp"]["gate_proj"]["kernel"].shape == (32, 4, 24)
     ids, mask, pos = padded_batch()
     ref = torch_logits(tm, ids, mask, pos)
-    for impl in ("dense", "ragged"):
-        m = CausalLM(model.config.replace(moe_impl=impl), model.hf_config)
-        out = np.asarray(jax.jit(m.logits)(params, ids, pos, mask))
-        assert np.abs(out - ref)[mask.astype(bool)].max() <= ATOL, impl
+    ragged = CausalLM(model.config.replace(moe_impl="ragged"), model.hf_config)
+    out = np.asarray(jax.jit(ragged.logits)(params, ids, pos, mask))
+    assert np.abs(out - ref)[mask.astype(bool)].max() <= ATOL
     with pytest.raises(ValueError, match="scan_layers: false"):
         model.config.replace(scan_layers=True)
     with torch.no_grad():
