@@ -8,7 +8,9 @@ checked on padded (left and right) and packed batches, scanned and unrolled laye
 against transformers' own cached decoding, the sampler, the save -> transformers round trip, the
 sequence-classification head, and one SFT and one GRPO run (whose first-batch SFT loss equals transformers').
 Qwen3-MoE and Mixtral (4 experts, top 2): logits, cached decoding, round trip, the load-balancing loss, expert-axis
-sharding, SFT (with the aux term), DPO and KTO (TRL's aux term, router_aux_loss_coef) and GRPO. LoRA adapters from PEFT on Gemma 2 and Qwen3-MoE give PEFT's logits.
+sharding, the sequence-classification head, SFT (with the aux term), DPO and KTO (TRL's aux term,
+router_aux_loss_coef) and GRPO (the ragged expert dispatch and mixed dense/expert layers: tests/test_moe.py). LoRA
+adapters from PEFT on Gemma 2 and Qwen3-MoE give PEFT's logits.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def test_round_trip_to_transformers_and_config_from_scratch(name, tmp_path):
         np.testing.assert_array_equal(torch_logits(back, ids, mask, pos), ref)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + MOE)  # MoE: Qwen3MoeForSequenceClassification, MixtralFor...
 def test_sequence_classification_head_matches_transformers(name, tmp_path):
     tm = make_torch_model(name, kind="seqcls", num_labels=3)
     model, params = from_pretrained(save_torch_model(tm, tmp_path / "src"))

@@ -156,6 +156,7 @@ JAX_FIELDS: tuple[str, ...] = (
     "overwrite_output_dir",
     "max_consecutive_nonfinite_updates",
     "attn_implementation",
+    "moe_implementation",
     "save_merged_model",
 )
 
@@ -365,6 +366,9 @@ class TrainingArgumentsJax(_ConfigMixin):
             last good state checkpointed. `0` never stops.
         save_merged_model (`bool`, defaults to `False`): with LoRA, `save_model()` writes the full model with the
             adapters merged into the weights (an HF checkpoint) instead of PEFT's adapter directory.
+        moe_implementation (`str`, defaults to `"auto"`): mixture-of-experts dispatch of Qwen3-MoE / Mixtral models
+            (`trl_jax.models.moe`): `"dense"` (every expert on every token), `"ragged"` (grouped matmuls over the
+            routed tokens), `"auto"` (ragged on GPU/TPU, dense on CPU). Same numbers either way.
     """
 
     output_dir: str | None = None
@@ -496,6 +500,7 @@ class TrainingArgumentsJax(_ConfigMixin):
     # attention kernel: auto (splash on TPU, cuDNN on GPU, XLA on CPU) / xla / cudnn / splash; transformers' names
     # map (eager/sdpa -> xla, flash_attention_2/3 -> auto); `model_init_kwargs["attn_implementation"]` sets it too
     attn_implementation: str | None = None
+    moe_implementation: str = "auto"
     save_merged_model: bool = False
 
     def __post_init__(self):
@@ -513,6 +518,7 @@ class TrainingArgumentsJax(_ConfigMixin):
                 setattr(self, name, json.loads(value))
         self.attn_implementation = _resolve_attn_implementation(self.attn_implementation,
                                                                 getattr(self, "model_init_kwargs", None))
+        _check_choice("moe_implementation", self.moe_implementation, ("auto", "dense", "ragged"))
         # transformers 5: `gradient_checkpointing` is an alias of `activation_checkpointing`.
         if self.activation_checkpointing is None and self.gradient_checkpointing is not None:
             self.activation_checkpointing = self.gradient_checkpointing

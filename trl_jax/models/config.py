@@ -4,7 +4,7 @@ One decoder covers the Llama family (Llama, Mistral, Qwen2, Qwen3), Gemma 2, Gem
 mixtures of experts Qwen3-MoE and Mixtral.
 ``ModelConfig`` holds the architecture (read from the HF config: the shared fields, then one small function per
 family in :data:`_FAMILY_TRAITS`) and the JAX knobs (compute ``dtype``, ``param_dtype``, ``scan_layers``,
-``remat_policy``, ``attention_impl``).
+``remat_policy``, ``attention_impl``, ``moe_impl``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # see trl_jax.models.attention.attend
+MOE_IMPLS = ("auto", "dense", "ragged")  # expert dispatch, see trl_jax.models.moe.resolve_moe_impl
 NO_WINDOW = 2**30  # a sliding window this wide is no window
 
 
@@ -100,11 +101,15 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # Gemma: attention scale = query_pre_attn_scalar**-0.5
     attn_logit_softcapping: float | None = None  # Gemma 2: scores = cap * tanh(scores / cap) before the mask
     final_logit_softcapping: float | None = None  # Gemma 2/3: logits = cap * tanh(logits / cap)
-    num_experts: int = 0  # mixture of experts (Qwen3-MoE, Mixtral) on every layer; 0 = dense MLP
+    num_experts: int = 0  # mixture of experts (Qwen3-MoE, Mixtral); 0 = dense MLP everywhere
     num_experts_per_tok: int = 0  # top-k
     moe_intermediate_size: int | None = None  # each expert's MLP width
     norm_topk_prob: bool = True  # renormalize the top-k routing probabilities (Mixtral always; Qwen3-MoE per config)
     router_aux_loss_coef: float = 0.0  # transformers' load-balancing loss weight (see trl_jax.models.moe)
+    # Qwen3-MoE: layers i with (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers have experts, the
+    # others a dense MLP of intermediate_size (transformers' Qwen3MoeDecoderLayer rule); see is_sparse_layer
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     max_position_embeddings: int = 2048
     rope_type: str = "default"
     rope_theta: float = 10000.0
@@ -127,6 +132,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    moe_impl: str = "auto"  # expert dispatch: "dense", "ragged" (grouped matmuls), "auto" (trl_jax.models.moe)
     lora: Any = None  # trl_jax.models.lora.LoraSpec: LoRA adapters on the projections it targets
     quantization: str | None = None  # "nf4" / "fp4": projection kernels held in 4 bits (QLoRA's frozen base)
 
@@ -145,6 +151,14 @@ class ModelConfig:
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
                              f"({self.num_experts}).")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl {self.moe_impl!r} is unknown; choose one of {MOE_IMPLS}.")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}.")
+        if self.mixed_layers and self.scan_layers:
+            raise ValueError(
+                "This mixture-of-experts model mixes expert and dense-MLP layers (decoder_sparse_step > 1 or "
+                "mlp_only_layers); scanned layers share one parameter layout: set `scan_layers: false`.")
         if self.lora is not None and self.scan_layers and not self.lora.uniform:
             raise ValueError(
                 "These LoRA targets differ between layers (layers_to_transform, or a target_modules regex naming "
@@ -156,6 +170,24 @@ class ModelConfig:
     def attention_scale(self) -> float:
         """Multiplier of ``q . k``: ``query_pre_attn_scalar**-0.5`` (Gemma) or ``head_dim**-0.5``."""
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def is_sparse_layer(self, layer: int | None) -> bool:
+        """Whether layer ``layer`` has experts (``None``: scanned layers, all of one kind)."""
+        if not self.num_experts:
+            return False
+        if layer is None:
+            return not self.mixed_layers and self.is_sparse_layer(0)
+        return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        """Indices of the layers with experts (their router logits are what the load-balancing loss sees)."""
+        return tuple(i for i in range(self.num_hidden_layers) if self.is_sparse_layer(i))
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Expert layers and dense-MLP layers in one model (Qwen3-MoE's decoder_sparse_step / mlp_only_layers)."""
+        return 0 < len(self.sparse_layers) < self.num_hidden_layers if self.num_experts else False
 
     @property
     def has_sliding_window(self) -> bool:
@@ -252,14 +284,12 @@ def _phi3(c) -> dict:
 
 
 def _qwen3_moe(c) -> dict:
-    sparse = [i for i in range(c.num_hidden_layers)
-              if i not in (c.mlp_only_layers or []) and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0]
-    if len(sparse) != c.num_hidden_layers:
-        raise ValueError("Qwen3-MoE checkpoints whose layers mix dense and expert MLPs (decoder_sparse_step > 1 or "
-                         "mlp_only_layers) are not supported by trl_jax.models; every layer must be sparse.")
+    # num_experts == 0: every layer a dense MLP of intermediate_size (transformers' rule), i.e. a Qwen3 model
     return dict(_qwen3(c), num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                 moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=bool(c.norm_topk_prob),
-                router_aux_loss_coef=float(c.router_aux_loss_coef))
+                router_aux_loss_coef=float(c.router_aux_loss_coef),
+                decoder_sparse_step=int(getattr(c, "decoder_sparse_step", 1) or 1),
+                mlp_only_layers=tuple(int(i) for i in (getattr(c, "mlp_only_layers", None) or ())))
 
 
 def _mixtral(c) -> dict:
@@ -294,7 +324,9 @@ def config_from_hf(hf_config, **runtime) -> ModelConfig:
     """Build a :class:`ModelConfig` from a ``transformers.PretrainedConfig`` (no torch needed).
 
     ``runtime`` sets the JAX options: ``dtype``, ``param_dtype``, ``scan_layers``, ``remat_policy``,
-    ``attention_impl``. Raises ``ValueError`` naming the supported architectures for anything else.
+    ``attention_impl``, ``moe_impl``. Raises ``ValueError`` naming the supported architectures for anything else.
+    A model whose layers mix experts and dense MLPs (Qwen3-MoE ``decoder_sparse_step`` / ``mlp_only_layers``)
+    gets unrolled layers (``scan_layers=False``, one log line) where scanned ones were asked for.
     """
     mt = getattr(hf_config, "model_type", None)
     if mt not in SUPPORTED_ARCHITECTURES:
@@ -343,6 +375,15 @@ def config_from_hf(hf_config, **runtime) -> ModelConfig:
     if rope_type == "longrope":
         fields.update(_longrope(rp, c))
     fields.update(_FAMILY_TRAITS[mt](c))
+    probe = ModelConfig(**{**fields, "scan_layers": False})
+    if probe.mixed_layers and runtime.get("scan_layers", True):
+        import logging
+
+        logging.getLogger("trl_jax").warning(
+            "%s: layers %s have experts, the others a dense MLP; scanned layers share one layout, so this model "
+            "runs with unrolled layers (scan_layers=False).", mt, list(probe.sparse_layers))
+        runtime = {**runtime, "scan_layers": False}
+        fields["scan_layers"] = False
     cfg = ModelConfig(**fields)
     return cfg.replace(**runtime) if runtime else cfg
 

@@ -1,4 +1,5 @@
-"""The Flax (linen) decoder: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3.
+"""The Flax (linen) decoder: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, and the
+mixtures of experts Qwen3-MoE and Mixtral.
 
 Gemma's layers add ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` and use
 ``post_attention_layernorm`` on the attention output (``ModelConfig.sandwich_norms``), with ``(1 + w)`` norms.
@@ -27,6 +28,8 @@ Parameter tree (HF names, linen leaves; logical axis names in brackets; ``layers
       mlp/gate_proj/kernel            [D, E, Fe]        (embed, expert, mlp)   ... and E experts in place of the
       mlp/up_proj/kernel              [D, E, Fe]        (embed, expert, mlp)       dense MLP kernels above
       mlp/down_proj/kernel            [E, Fe, D]        (expert, mlp, embed)
+                                      (Qwen3-MoE decoder_sparse_step / mlp_only_layers: unrolled layers, the dense
+                                      MLP kernels on the layers without experts)
     norm/scale                        [D]               (embed,)
     lm_head/kernel                    [D, V]            (embed, vocab)   untied causal LMs only
     score/kernel                      [D, num_labels]   (embed, labels)  sequence classification only
@@ -44,9 +47,9 @@ import jax.numpy as jnp
 from trl_jax.models.attention import attend, build_mask, static_window, window_mask
 from trl_jax.models.config import NO_WINDOW, ModelConfig
 from trl_jax.models.lora import LoraDenseGeneral
-from trl_jax.models.moe import router_weights
+from trl_jax.models.moe import ragged_experts, resolve_moe_impl, router_weights, sharded_ragged_experts, top_k_routing
 from trl_jax.models.rope import apply_rope, layer_cos_sin, rope_cos_sin
-from trl_jax.parallel.rules import constrain
+from trl_jax.parallel.rules import active_mesh, active_spec, constrain
 
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "layers", "labels",
                       "value", "lora_rank")
@@ -183,31 +186,83 @@ class MLP(nn.Module):
         return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj", layer=li)(hidden)
 
 
+class _ExpertKernel(nn.Module):
+    """The ``kernel`` param of an expert projection, as ``_dense`` names it (the ragged dispatch reads it raw)."""
+
+    shape: tuple
+    axes: tuple
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", _p(_init, self.axes), self.shape, self.param_dtype)
+
+
+_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 class SparseMoE(nn.Module):
-    """Top-k mixture of experts (Qwen3-MoE, Mixtral), dense dispatch (see :mod:`trl_jax.models.moe`): ``x [B, T, D]``
-    -> ``sum_e w_e * down_e(act(gate_e(x)) * up_e(x))`` with ``w`` the routing weights ``[B, T, E]``. The router
-    logits ``[B, T, E]`` are sown as ``intermediates/router_logits`` (for the load-balancing loss)."""
+    """Top-k mixture of experts (Qwen3-MoE, Mixtral): ``x [B, T, D]`` -> ``sum_e w_e * down_e(act(gate_e(x)) *
+    up_e(x))`` with ``w`` the routing weights ``[B, T, E]`` (zero outside each token's top-k). The router logits
+    ``[B, T, E]`` are sown as ``intermediates/router_logits`` (for the load-balancing loss).
+
+    ``cfg.moe_impl`` picks the dispatch (:func:`trl_jax.models.moe.resolve_moe_impl`): dense (every expert on every
+    token) or ragged (grouped matmuls over the tokens routed to each expert); same params, same numbers."""
 
     cfg: ModelConfig
     layer: int | None = None  # set when layers are unrolled
 
+    def _adapted(self) -> bool:
+        """Whether the expert projections carry LoRA adapters or 4-bit kernels (applied by ``_dense`` only)."""
+        c = self.cfg
+        if c.quantization or (c.lora is not None and any(c.lora.adapts(n, self.layer) for n in _EXPERT_PROJECTIONS)):
+            return True
+        params = self.variables.get("params", {})
+        return any(set(params.get(n, {})) - {"kernel"} for n in _EXPERT_PROJECTIONS)
+
     @nn.compact
     def __call__(self, x):
         c, li = self.cfg, self.layer
-        E, F = c.num_experts, c.moe_intermediate_size
+        E, F, D = c.num_experts, c.moe_intermediate_size, c.hidden_size
         logits = _dense(E, ("embed", "expert"), use_bias=False, cfg=c, name="gate", layer=li)(x)
         self.sow("intermediates", "router_logits", logits)
+        mesh = active_mesh()
+        if resolve_moe_impl(c.moe_impl, adapted=self._adapted(), mesh=mesh) == "ragged":
+            return self._ragged(x, logits, mesh)
         w = router_weights(logits, c.num_experts_per_tok, normalize=c.norm_topk_prob)
         g = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="gate_proj", layer=li)(x)
         u = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="up_proj", layer=li)(x)
         h = _act(c.hidden_act)(g) * u * w[..., None].astype(g.dtype)  # weighting before down_e is linear in h
-        return _dense(c.hidden_size, ("expert", "mlp", "embed"), use_bias=False, cfg=c, name="down_proj",
+        return _dense(D, ("expert", "mlp", "embed"), use_bias=False, cfg=c, name="down_proj",
                       axis=(-2, -1), bias_axes=("embed",), layer=li)(h)
 
+    def _ragged(self, x, logits, mesh):
+        c = self.cfg
+        E, F, D, k = c.num_experts, c.moe_intermediate_size, c.hidden_size, c.num_experts_per_tok
+        w, idx = top_k_routing(logits, k, normalize=c.norm_topk_prob)
+        gate, up = (_ExpertKernel((D, E, F), ("embed", "expert", "mlp"), c.param_dtype, name=n)()
+                    for n in ("gate_proj", "up_proj"))
+        down = _ExpertKernel((E, F, D), ("expert", "mlp", "embed"), c.param_dtype, name="down_proj")()
+        gate, up = (jnp.transpose(kern.astype(c.dtype), (1, 0, 2)) for kern in (gate, up))  # [E, D, F]
+        down, x, act = down.astype(c.dtype), x.astype(c.dtype), _act(c.hidden_act)
+        if mesh is None:  # one device, or a sharded jit without an activation-sharding context (left to GSPMD)
+            B, T, _ = x.shape
+            y = ragged_experts(x.reshape(B * T, D), idx.reshape(B * T, k), w.reshape(B * T, k), gate, up, down, act)
+            return y.reshape(B, T, D)
+        batch = active_spec(_EMBED, x.shape)
+        batch = batch[0] if len(batch) else None
+        mlp = active_spec(("activation_mlp",), (F,))
+        tensor = mlp[0] if len(mlp) else None
+        used = {batch} if isinstance(batch, str) else set(batch or ())
+        if tensor is not None and used & ({tensor} if isinstance(tensor, str) else set(tensor)):
+            tensor = None
+        return sharded_ragged_experts(x, idx, w, gate, up, down, act, mesh, batch, tensor)
 
-def _mlp_cls(cfg: ModelConfig):
-    """The layer's feed-forward block: experts where the config has them, else the gated MLP."""
-    return SparseMoE if cfg.num_experts else MLP
+
+def _mlp_cls(cfg: ModelConfig, layer: int | None = None):
+    """Layer ``layer``'s feed-forward block (``None``: scanned layers, all of one kind): experts where the config
+    puts them (:meth:`ModelConfig.is_sparse_layer`), else the gated MLP."""
+    return SparseMoE if cfg.is_sparse_layer(layer) else MLP
 
 
 def _residual_blocks(cfg: ModelConfig, norm, x, attention, mlp):
@@ -238,7 +293,7 @@ class DecoderLayer(nn.Module):
         attn = Attention(c, self.layer, name="self_attn")
         x, new_kv = _residual_blocks(
             c, lambda name: _norm(c, name), x, lambda h: attn(h, cos, sin, mask, kv, cache_index, segment_ids),
-            _mlp_cls(c)(c, self.layer, name="mlp"))
+            _mlp_cls(c, self.layer)(c, self.layer, name="mlp"))
         return constrain(x, _EMBED), new_kv
 
 
@@ -361,10 +416,11 @@ def init_decode_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) ->
             "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
-def _decode_layer(cfg: ModelConfig, p, x, cos, sin, mask, k_all, v_all, layer, index):
+def _decode_layer(cfg: ModelConfig, p, x, cos, sin, mask, k_all, v_all, layer, index, unrolled: int | None = None):
     """One decoder layer on ``x [B, T, D]``: writes its T keys/values into ``k_all/v_all [L, B, S, K, Hd]`` at
     ``(layer, :, index)`` and attends over that layer's ``S`` slots (``mask [B, 1, T, S]``); ``cos/sin`` are this
-    layer's table ``[B, T, rotary_dim]``."""
+    layer's table ``[B, T, rotary_dim]``. ``unrolled``: the layer's static index when layers are unrolled (its
+    feed-forward kind may differ from the others'), ``None`` when scanned."""
     c = cfg
     N, K, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
     a = p["self_attn"]
@@ -393,8 +449,9 @@ def _decode_layer(cfg: ModelConfig, p, x, cos, sin, mask, k_all, v_all, layer, i
                     bias_axes=("embed",))
         return out, (k_new, v_new)
 
+    mlp = _mlp_cls(c, unrolled)(c, unrolled)
     x, (k_all, v_all) = _residual_blocks(c, lambda name: (lambda h: _norm(c).apply({"params": p[name]}, h)), x,
-                                         attention, lambda h: _mlp_cls(c)(c).apply({"params": p["mlp"]}, h))
+                                         attention, lambda h: mlp.apply({"params": p["mlp"]}, h))
     return x, k_all, v_all
 
 
@@ -440,6 +497,7 @@ def decode_forward(cfg: ModelConfig, params, cache: dict, input_ids, positions, 
         for i in range(c.num_hidden_layers):
             w = None if windows is None else windows[i]
             lc, ls = layer_cos_sin(cos, sin, w, NO_WINDOW)
-            x, k_all, v_all = _decode_layer(c, params[f"layers_{i}"], x, lc, ls, mask_for(w), k_all, v_all, i, idx)
+            x, k_all, v_all = _decode_layer(c, params[f"layers_{i}"], x, lc, ls, mask_for(w), k_all, v_all, i, idx,
+                                            unrolled=i)
     h = _norm(c).apply({"params": params["norm"]}, x)
     return h, {"k": k_all, "v": v_all, "segment_ids": kv_seg, "index": idx + T}

@@ -41,6 +41,11 @@ class _Entry:
     to_ours: Callable[[np.ndarray], np.ndarray]  # view transform HF -> ours
     to_hf: Callable[[np.ndarray], np.ndarray]
     stacked: bool = False
+    only: tuple[int, ...] | None = None  # the layers that hold it (Qwen3-MoE's mixed layers); None = every layer
+
+    def layers(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """The layer indices this (stacked) entry has a tensor in."""
+        return tuple(range(cfg.num_hidden_layers)) if self.only is None else self.only
 
 
 def _ident(x):
@@ -103,19 +108,25 @@ def _projections(cfg: ModelConfig) -> list[tuple]:
         (k, "self_attn.k_proj.weight", _heads_in(K, Hd), _heads_in_inv),
         (v, "self_attn.v_proj.weight", _heads_in(K, Hd), _heads_in_inv),
     ]
+    dense = [
+        (gate, "mlp.gate_proj.weight", _t, _t),
+        (up, "mlp.up_proj.weight", _t, _t),
+        (down, "mlp.down_proj.weight", _t, _t),
+    ]
     if cfg.num_experts:
         router, g, u, d = EXPERT_NAMES[cfg.model_type]
-        return attn + [
+        experts = [
             (("mlp", "gate", "kernel"), router, _t, _t),
             (gate, g, _experts_in, _experts_in_inv),
             (up, u, _experts_in, _experts_in_inv),
             (down, d, _experts_out, _experts_out),
         ]
-    return attn + [
-        (gate, "mlp.gate_proj.weight", _t, _t),
-        (up, "mlp.up_proj.weight", _t, _t),
-        (down, "mlp.down_proj.weight", _t, _t),
-    ]
+        if cfg.mixed_layers:  # Qwen3-MoE decoder_sparse_step / mlp_only_layers: each kind on its own layers
+            sparse = cfg.sparse_layers
+            rest = tuple(i for i in range(cfg.num_hidden_layers) if i not in sparse)
+            return attn + [(*x, sparse) for x in experts] + [(*x, rest) for x in dense]
+        return attn + experts
+    return attn + dense
 
 
 def _experts_in(w):  # HF experts stacked [E, F, D] <-> ours [D, E, F]
@@ -172,7 +183,7 @@ def param_entries(cfg: ModelConfig, *, value_head: bool = False) -> list[_Entry]
             (("self_attn", "q_norm", "scale"), "self_attn.q_norm.weight", _ident, _ident),
             (("self_attn", "k_norm", "scale"), "self_attn.k_norm.weight", _ident, _ident),
         ]
-    e += [_Entry(p, L + h, f, g, stacked=True) for p, h, f, g in lay]
+    e += [_Entry(p, L + h, f, g, stacked=True, only=only[0] if only else None) for p, h, f, g, *only in lay]
     e.append(_Entry(("norm", "scale"), "model.norm.weight", _ident, _ident))
     if cfg.has_lm_head and not cfg.tie_word_embeddings:
         e.append(_Entry(("lm_head", "kernel"), "lm_head.weight", _t, _t))
@@ -279,6 +290,7 @@ def from_pretrained(
     scan_layers: bool = True,
     remat_policy: str = "none",
     attention_impl: str = "auto",
+    moe_impl: str = "auto",
     value_head: bool = False,
     seed: int = 0,
     revision: str | None = None,
@@ -292,11 +304,12 @@ def from_pretrained(
     matching the params) if given, else from ``mesh`` + ``rules`` (logical axis rules, default
     :data:`trl_jax.parallel.rules.DEFAULT_RULES`), else the first local device. ``value_head=True`` adds TRL's
     ``v_head`` (loaded when the checkpoint has ``v_head.summary.*``, else randomly initialized from ``seed``).
+    ``moe_impl``: the mixture-of-experts dispatch (``"auto"``, ``"dense"``, ``"ragged"``; :mod:`trl_jax.models.moe`).
     """
     directory = resolve_checkpoint_dir(path_or_hub_id, revision=revision, token=token)
     hf_config = load_hf_config(directory)
     cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                         remat_policy=remat_policy, attention_impl=attention_impl)
+                         remat_policy=remat_policy, attention_impl=attention_impl, moe_impl=moe_impl)
     model = CausalLM(cfg, hf_config=hf_config, value_head=value_head)
     abstract = model.abstract_params()
     if shardings is None:
@@ -313,7 +326,8 @@ def from_pretrained(
         if entry.path[0] == "v_head" and entry.hf not in ckpt:
             missing_heads.append(entry)
             continue
-        names = [_hf_name(entry, i) for i in range(cfg.num_hidden_layers)] if entry.stacked else [entry.hf]
+        layers = entry.layers(cfg) if entry.stacked else (None,)
+        names = [_hf_name(entry, i) for i in layers] if entry.stacked else [entry.hf]
         absent = [n for n in names if n not in ckpt]
         if absent:
             hint = (" The config says tie_word_embeddings=False but the checkpoint has no lm_head.weight."
@@ -324,8 +338,8 @@ def from_pretrained(
             _set(params, path, _place_stacked(ckpt, names, entry, _get(abstract, path), _get(shardings, path),
                                               np_dtype))
         else:
-            for i, n in enumerate(names):
-                path = _param_path(entry, cfg, i if entry.stacked else None)
+            for i, n in zip(layers, names):
+                path = _param_path(entry, cfg, i)
                 _set(params, path, _place(ckpt, n, entry, _get(abstract, path), _get(shardings, path), np_dtype))
     if missing_heads:
         logger.warning("No v_head weights in %s: the value head is randomly initialized.", directory)
@@ -407,7 +421,8 @@ def _family_hf_kwargs(cfg: ModelConfig) -> dict:
     if mt == "qwen3_moe":
         kw.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                   moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
-                  router_aux_loss_coef=cfg.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[])
+                  router_aux_loss_coef=cfg.router_aux_loss_coef, decoder_sparse_step=cfg.decoder_sparse_step,
+                  mlp_only_layers=list(cfg.mlp_only_layers))
     if mt == "mixtral":
         kw.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                   router_aux_loss_coef=cfg.router_aux_loss_coef)
@@ -492,7 +507,7 @@ def save_pretrained(
             for i in range(cfg.num_hidden_layers):
                 tensors.append((_hf_name(entry, i), entry.to_hf(stacked[i])))
         else:
-            for i in range(cfg.num_hidden_layers if entry.stacked else 1):
+            for i in entry.layers(cfg) if entry.stacked else (0,):
                 arr = _to_host(_get(params, _param_path(entry, cfg, i)))
                 tensors.append((_hf_name(entry, i), entry.to_hf(arr)))
     tensors = _split_experts(_fuse_shared_names(tensors))

@@ -122,7 +122,7 @@ class CausalLM:
     def hidden_states_and_router_logits(self, params, input_ids, positions=None, segment_ids=None,
                                         attention_mask=None):
         """One forward: final-norm hidden states ``[B, T, D]`` and the mixture-of-experts router logits of every
-        layer ``[L, B, T, E]`` (compute dtype), for :func:`trl_jax.models.moe.router_aux_loss` (transformers'
+        expert layer ``[L, B, T, E]`` (compute dtype), for :func:`trl_jax.models.moe.router_aux_loss` (transformers'
         ``output_router_logits``)."""
         if not self.config.num_experts:
             raise ValueError(f"{self.config.model_type} has no mixture-of-experts layers (no router logits).")
@@ -135,8 +135,8 @@ class CausalLM:
         inter = state["intermediates"]
         if self.config.scan_layers:
             return h, inter["layers"]["mlp"]["router_logits"][0]
-        return h, jnp.stack([inter[f"layers_{i}"]["mlp"]["router_logits"][0]
-                             for i in range(self.config.num_hidden_layers)])
+        return h, jnp.stack([inter[f"layers_{i}"]["mlp"]["router_logits"][0]  # expert layers only (as transformers)
+                             for i in self.config.sparse_layers])
 
     def router_logits(self, params, input_ids, positions=None, segment_ids=None, attention_mask=None):
         """Router logits ``[L, B, T, E]`` of :meth:`hidden_states_and_router_logits`."""

@@ -172,6 +172,7 @@ class BaseTrainer(PeftMixin, abc.ABC):
                 remat_policy=_REMAT_ALIASES.get(args.remat_policy, args.remat_policy),
                 value_head=self._needs_value_head(),
                 attention_impl=getattr(args, "attn_implementation", None) or "auto",
+                moe_impl=getattr(args, "moe_implementation", None) or "auto",
             )
             return m, params, os.fspath(model)
         if isinstance(model, tuple) and len(model) == 2:

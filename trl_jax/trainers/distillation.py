@@ -124,7 +124,8 @@ class DistillationTrainer(BaseTrainer):
             path = resolve_model_path(os.fspath(teacher))
             self.teacher_model, params = from_pretrained(
                 path, dtype=_dtype(args.compute_dtype), param_dtype=dtype, mesh=self.mesh,
-                scan_layers=args.scan_layers, attention_impl=getattr(args, "attn_implementation", None) or "auto")
+                scan_layers=args.scan_layers, attention_impl=getattr(args, "attn_implementation", None) or "auto",
+                moe_impl=getattr(args, "moe_implementation", None) or "auto")
         else:
             raise TypeError("teacher_model must be a local directory / hub id / builtin:NAME of an HF checkpoint, or "
                             f"a (trl_jax.models.CausalLM, params) pair; got {type(teacher).__name__}.")
