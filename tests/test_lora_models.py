@@ -27,7 +27,17 @@ CASES = {
                                           modules_to_save=["lm_head"]),
     # tied embeddings: the trained embedding copy feeds the input only, the head keeps the original (PEFT's rule)
     "tied_save_embedding": dict(target_modules=["v_proj"], modules_to_save=["embed_tokens"]),
+    # Phi-3's fused qkv_proj / gate_up_proj: one PEFT adapter per fused module (a shared A, B split by rows)
+    "phi3_qkv_o": dict(target_modules=["qkv_proj", "o_proj"]),
+    "phi3_all_linear_rslora": dict(target_modules="all-linear", use_rslora=True),
+    "phi3_gate_up_dora": dict(target_modules=["gate_up_proj"], use_dora=True),
 }
+
+
+def _arch(case):
+    if case.startswith("phi3"):
+        return "phi3"
+    return {"qv": "qwen2", "tied_save_embedding": "qwen3"}.get(case, "llama")  # qwen2: q/k/v biases; qwen3: tied
 
 
 def _peft_model(tm, case, seed=0):
@@ -54,7 +64,7 @@ def _jax_logits(model, params, ids, mask, pos):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_adapter_loads_with_equal_logits_and_saves_back(case, tmp_path):
-    arch = {"qv": "qwen2", "tied_save_embedding": "qwen3"}.get(case, "llama")  # qwen2: q/k/v biases; qwen3: tied
+    arch = _arch(case)
     tm = make_torch_model(arch)
     base_dir = save_torch_model(tm, tmp_path / "base")
     pm = _peft_model(tm, case)
@@ -80,7 +90,16 @@ def test_peft_adapter_loads_with_equal_logits_and_saves_back(case, tmp_path):
     save_adapter(lmodel, lparams, out, base_model_name_or_path=base_dir)
     back = peft.PeftModel.from_pretrained(make_torch_model(arch), str(out)).eval()
     _close(torch_logits(back, ids, mask, pos), want, mask)
-    assert json.load(open(out / "adapter_config.json"))["peft_type"] == "LORA"
+    saved = json.load(open(out / "adapter_config.json"))
+    assert saved["peft_type"] == "LORA"
+    if arch == "phi3":  # PEFT's tensor names and shapes (fused modules, B rows in q,k,v / gate,up order)
+        from safetensors.numpy import load_file
+        theirs = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        ours = load_file(str(out / "adapter_model.safetensors"))
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+        for k in theirs:
+            np.testing.assert_allclose(ours[k], theirs[k], atol=1e-6, rtol=0, err_msg=k)
+        assert sorted(saved["target_modules"]) == sorted(pm.peft_config["default"].target_modules)
 
     # merged into a plain model: same logits, saved as a full HF checkpoint transformers loads
     plain = with_lora(lmodel, None)

@@ -5,6 +5,10 @@ A PEFT adapter directory holds ``adapter_config.json`` (``peft.LoraConfig`` fiel
 ``...lora_B.weight [out, r]``, ``...lora_magnitude_vector [out]`` (DoRA) and ``base_model.model.<HF name>`` for the
 ``modules_to_save``; ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads what
 :func:`save_adapter` writes, and :func:`load_adapter` reads what PEFT saves.
+
+A fused module (Phi-3's ``qkv_proj`` / ``gate_up_proj``) is one PEFT adapter: its ``lora_A`` is our shared
+``qkv_proj/lora_a``, its ``lora_B`` rows (and magnitude) the parts' ``lora_b`` concatenated in q, k, v (gate, up)
+order.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import numpy as np
 
 from trl_jax.models.hf_io import _get as _get_path
 from trl_jax.models.hf_io import _param_path, _to_host, param_entries
-from trl_jax.models.lora import (ADAPTER_LEAVES, LoraSpec, combine, dora_weight_norm, lora_a_init, lora_b_init,
-                                 path_names, resolve_lora)
+from trl_jax.models.lora import (ADAPTER_LEAVES, FUSED_GROUPS, LoraSpec, combine, dora_weight_norm, lora_a_init,
+                                 lora_b_init, path_names, resolve_lora, shared_a_path)
 from trl_jax.models.model import CausalLM
 from trl_jax.models.safetensors_io import SafetensorsFile, save_file
 
@@ -29,8 +33,8 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _PEFT_LEAF = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 # our projection -> HF module path inside a layer
-_HF_PROJ = {**{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-            **{p: f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+_HF_PROJ = {**{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")},
+            **{p: f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}}
 
 
 def is_adapter_dir(path) -> bool:
@@ -97,7 +101,10 @@ def add_adapters(model: CausalLM, params, spec: LoraSpec, *, rng=None, mesh=None
         if names[-1] != "lora_magnitude":
             continue
         module = names[:-1]
-        a, b = _get_path(new, module + ("lora_a",)), _get_path(new, module + ("lora_b",))
+        a_path = module + ("lora_a",)
+        if not _has_path(new, a_path):  # a part of a fused module: the shared A
+            a_path = shared_a_path(module)
+        a, b = _get_path(new, a_path), _get_path(new, module + ("lora_b",))
         n_in = a.ndim - 1 - (1 if names[0] == "layers" else 0)
         kernel = _kernel_of(model, params, module, a.shape[a.ndim - 1 - n_in:-1])
 
@@ -158,6 +165,14 @@ def _kernel_of(model: CausalLM, params, module: tuple, in_shape: tuple):
         node["kernel_q"], node["kernel_absmax"])
 
 
+def _has_path(tree, names) -> bool:
+    for n in names:
+        if not isinstance(tree, dict) or n not in tree:
+            return False
+        tree = tree[n]
+    return True
+
+
 def _set(tree, names, value):
     for n in names[:-1]:
         tree = tree.setdefault(n, {})
@@ -166,14 +181,18 @@ def _set(tree, names, value):
 
 # ------------------------------------------------------------------------------------------ saving
 def _adapter_modules(model: CausalLM, params):
-    """``[(HF module name, our module path)]`` of every adapted projection (one entry per layer)."""
+    """``[(HF module name, our module path, layer, parts)]`` of every adapted PEFT module (one entry per layer).
+    ``parts``: a fused module's split projections (paths of their B / magnitude, in PEFT's row order; its A at
+    ``our module path``), ``()`` for a plain projection."""
     cfg = model.config
     out = []
     for i, names in enumerate(cfg.lora.targets):
         for proj in names:
-            group = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            ours = (("layers",) if cfg.scan_layers else (f"layers_{i}",)) + (group, proj)
-            out.append((f"model.layers.{i}.{_HF_PROJ[proj]}", ours, i))
+            hf = _HF_PROJ[proj]
+            group = hf.split(".")[0]
+            prefix = (("layers",) if cfg.scan_layers else (f"layers_{i}",)) + (group,)
+            parts = tuple(prefix + (p,) for p in FUSED_GROUPS.get(proj, ()))
+            out.append((f"model.layers.{i}.{hf}", prefix + (proj,), i, parts))
     return out
 
 
@@ -189,14 +208,15 @@ def adapter_state_dict(model: CausalLM, params) -> dict[str, np.ndarray]:
         x = cache[path]
         return x[i] if cfg.scan_layers and path[0] == "layers" else x
 
-    for hf, ours, i in _adapter_modules(model, params):
+    for hf, ours, i, parts in _adapter_modules(model, params):
+        rows = parts or (ours,)  # B / magnitude: a fused module's parts' rows, concatenated in PEFT's order
         a = host(ours + ("lora_a",), i)
-        b = host(ours + ("lora_b",), i)
+        b = np.concatenate([host(p + ("lora_b",), i).reshape(spec.r, -1).T for p in rows])
         out[f"{_PREFIX}{hf}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.r).T)
-        out[f"{_PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.r, -1).T)
+        out[f"{_PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(b)
         if spec.use_dora:
-            out[f"{_PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(host(ours + ("lora_magnitude",),
-                                                                                    i).reshape(-1))
+            out[f"{_PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(np.concatenate(
+                [host(p + ("lora_magnitude",), i).reshape(-1) for p in rows]))
     for entry, names, i in _saved_module_entries(model, params):
         arr = host(names, i if entry.stacked else None)
         out[_PREFIX + entry.hf.format(i=i)] = np.ascontiguousarray(entry.to_hf(arr))
@@ -219,6 +239,9 @@ def _saved_module_entries(model: CausalLM, params):
 
 def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None) -> dict:
     target = spec.target_modules
+    if spec.fused and isinstance(target, str) and target.lower() == "all-linear":
+        # as PEFT writes it for Phi-3: 'all-linear' expanded to the adapted modules' full names
+        target = tuple(f"model.layers.{i}.{_HF_PROJ[p]}" for i, names in enumerate(spec.targets) for p in names)
     return {
         "peft_type": "LORA",
         "task_type": spec.task_type,
@@ -279,7 +302,11 @@ def load_adapter(directory, model: CausalLM, params, *, mesh=None, rules=None, a
     cfg = lmodel.config
     used = set()
     per_leaf: dict = {}
-    for hf, ours, i in _adapter_modules(lmodel, params):
+    def layer_shape(path):
+        want = _get_path(params, path)
+        return want.shape[1:] if path[0] == "layers" else want.shape
+
+    for hf, ours, i, parts in _adapter_modules(lmodel, params):
         for leaf, peft_name in _PEFT_LEAF.items():
             if leaf == "lora_magnitude" and not spec.use_dora:
                 continue
@@ -287,16 +314,21 @@ def load_adapter(directory, model: CausalLM, params, *, mesh=None, rules=None, a
             if key not in keys:
                 raise ValueError(f"{directory}: {ADAPTER_WEIGHTS_NAME} lacks {key!r}.")
             used.add(key)
-            want = _get_path(params, ours + (leaf,))
-            shape = want.shape[1:] if cfg.scan_layers else want.shape
             t = f[key]
             if leaf == "lora_a":
-                arr = t.T.reshape(shape)
-            elif leaf == "lora_b":
-                arr = t.T.reshape(shape)
-            else:
-                arr = t.reshape(shape)
-            per_leaf.setdefault(ours + (leaf,), {})[i] = arr
+                per_leaf.setdefault(ours + (leaf,), {})[i] = t.T.reshape(layer_shape(ours + (leaf,)))
+                continue
+            rows = parts or (ours,)  # a fused module's B rows / magnitudes: its parts', in PEFT's order
+            shapes = [layer_shape(p + (leaf,)) for p in rows]
+            sizes = [int(np.prod(sh[1:] if leaf == "lora_b" else sh)) for sh in shapes]
+            if t.shape[0] != sum(sizes):
+                raise ValueError(f"{directory}: {key} has {t.shape[0]} rows, expected {sum(sizes)} "
+                                 f"({' + '.join(map(str, sizes))}).")
+            start = 0
+            for p, sh, n in zip(rows, shapes, sizes):
+                part = t[start:start + n]
+                start += n
+                per_leaf.setdefault(p + (leaf,), {})[i] = part.T.reshape(sh) if leaf == "lora_b" else part.reshape(sh)
     for entry, names_, i in _saved_module_entries(lmodel, params):
         key = _PREFIX + entry.hf.format(i=i)
         if key not in keys:
