@@ -71,49 +71,70 @@ def _shardings(model: CausalLM, mesh, rules):
 
 
 def add_adapters(model: CausalLM, params, spec: LoraSpec, *, rng=None, mesh=None, rules=None,
-                 adapter_dtype=None):
+                 adapter_dtype=None, _placeholders=False):
     """``(adapted model, params with new adapters)``: LoRA A random (PEFT's init), B zero (so the adapted model
     equals the base), DoRA magnitudes ``||W||`` of the loaded kernels. New leaves are placed on the sharding their
     logical axes give on ``mesh`` (the kernel's input/output axes); ``adapter_dtype`` defaults to the
-    model's ``param_dtype``. ``params`` are not copied."""
+    model's ``param_dtype``. ``params`` are not copied. (``_placeholders``: zeros everywhere, for
+    :func:`load_adapter` to overwrite: no random init to compile.)"""
     lmodel = with_lora(model, spec)
     dtype = adapter_dtype or model.config.param_dtype
     rng = jax.random.PRNGKey(0) if rng is None else rng
     shardings = _shardings(lmodel, mesh, rules)
     new: dict = {}
     leaves = _new_leaves(lmodel, params)
-    for i, (names, x) in enumerate(leaves):
-        if names[-1] not in ("lora_a", "lora_b"):
-            continue
-        init = lora_a_init if names[-1] == "lora_a" else lora_b_init
-        stacked = names[0] == "layers"
-        key = jax.random.fold_in(rng, i)
-        sharding = _get_path(shardings, names)
+    # one compiled init for every A and B (keys: fold_in(rng, leaf index)), one for every DoRA magnitude
+    ab = [(i, names, x.shape) for i, (names, x) in enumerate(leaves) if names[-1] in ("lora_a", "lora_b")]
 
-        def make(key, init=init, shape=x.shape, stacked=stacked):
-            if stacked:
+    def make_all(rng):
+        out = []
+        for i, names, shape in ab:
+            if _placeholders:
+                out.append(jnp.zeros(shape, dtype))
+                continue
+            init = lora_a_init if names[-1] == "lora_a" else lora_b_init
+            key = jax.random.fold_in(rng, i)
+            if names[0] == "layers":
                 keys = jax.random.split(key, shape[0])
-                return jax.vmap(lambda k: init(k, shape[1:], dtype, spec.init_lora_weights))(keys)
-            return init(key, shape, dtype, spec.init_lora_weights)
+                out.append(jax.vmap(lambda k, init=init, shape=shape: init(k, shape[1:], dtype,
+                                                                            spec.init_lora_weights))(keys))
+            else:
+                out.append(init(key, shape, dtype, spec.init_lora_weights))
+        return out
 
-        _set(new, names, jax.jit(make, out_shardings=sharding)(key))
+    if ab:
+        made = jax.jit(make_all, out_shardings=[_get_path(shardings, names) for _, names, _ in ab])(rng)
+        for (_, names, _), arr in zip(ab, made):
+            _set(new, names, arr)
+    mags = []  # (names, A path, n_in, kernel)
     for names, x in leaves:
         if names[-1] != "lora_magnitude":
+            continue
+        if _placeholders:
+            _set(new, names, jax.device_put(jnp.zeros(x.shape, dtype), _get_path(shardings, names)))
             continue
         module = names[:-1]
         a_path = module + ("lora_a",)
         if not _has_path(new, a_path):  # a part of a fused module: the shared A
             a_path = shared_a_path(module)
-        a, b = _get_path(new, a_path), _get_path(new, module + ("lora_b",))
+        a = _get_path(new, a_path)
         n_in = a.ndim - 1 - (1 if names[0] == "layers" else 0)
-        kernel = _kernel_of(model, params, module, a.shape[a.ndim - 1 - n_in:-1])
+        mags.append((names, a_path, n_in, _kernel_of(model, params, module, a.shape[a.ndim - 1 - n_in:-1])))
 
-        def norm(k, a, b, n_in=n_in):
-            f = lambda k, a, b: dora_weight_norm(k.astype(jnp.float32), a.astype(jnp.float32),  # noqa: E731
-                                                 b.astype(jnp.float32), spec.scaling, n_in).astype(dtype)
-            return jax.vmap(f)(k, a, b) if names[0] == "layers" else f(k, a, b)
+    def norms(kernels, As, Bs):
+        out = []
+        for (names, _, n_in, _), k, a, b in zip(mags, kernels, As, Bs):
+            f = lambda k, a, b, n_in=n_in: dora_weight_norm(  # noqa: E731
+                k.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32), spec.scaling, n_in).astype(dtype)
+            out.append(jax.vmap(f)(k, a, b) if names[0] == "layers" else f(k, a, b))
+        return out
 
-        _set(new, names, jax.jit(norm, out_shardings=_get_path(shardings, names))(kernel, a, b))
+    if mags:
+        made = jax.jit(norms, out_shardings=[_get_path(shardings, m[0]) for m in mags])(
+            [m[3] for m in mags], [_get_path(new, m[1]) for m in mags],
+            [_get_path(new, m[0][:-1] + ("lora_b",)) for m in mags])
+        for m, arr in zip(mags, made):
+            _set(new, m[0], arr)
     missing = [names for names, _ in leaves if names[-1] not in ADAPTER_LEAVES]
     if missing:
         raise ValueError(f"adding adapters created unexpected parameters {missing[:3]}")
@@ -291,7 +312,8 @@ def load_adapter(directory, model: CausalLM, params, *, mesh=None, rules=None, a
     directory = os.fspath(directory)
     config = read_adapter_config(directory)
     spec = resolve_lora(config, model.config)
-    lmodel, params = add_adapters(model, params, spec, mesh=mesh, rules=rules, adapter_dtype=adapter_dtype)
+    lmodel, params = add_adapters(model, params, spec, mesh=mesh, rules=rules, adapter_dtype=adapter_dtype,
+                                  _placeholders=True)  # every adapter leaf is read from the file below
     f = SafetensorsFile(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
     keys = set(f.keys())
     names = {k.replace(".default.", ".") for k in keys}
@@ -340,6 +362,10 @@ def load_adapter(directory, model: CausalLM, params, *, mesh=None, rules=None, a
     if unused:
         raise ValueError(f"{directory}: adapter tensors {sorted(unused)[:3]} do not belong to this "
                          f"{cfg.model_type} model with target_modules={spec.target_modules!r}.")
+    unset = [n for n in (path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
+             if n[-1] in ADAPTER_LEAVES and n not in per_leaf]
+    if unset:  # (add_adapters made placeholders: each one must come from the file)
+        raise ValueError(f"{directory}: no tensor for the adapter leaves {['/'.join(n) for n in unset[:3]]}.")
     for names_, by_layer in per_leaf.items():
         stacked = names_[0] == "layers"
         arr = np.stack([by_layer[i] for i in sorted(by_layer)]) if stacked else by_layer[next(iter(by_layer))]
