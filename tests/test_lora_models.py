@@ -78,6 +78,9 @@ def test_peft_adapter_loads_with_equal_logits_and_saves_back(case, tmp_path):
     lmodel, lparams = load_adapter(tmp_path / "adapter", model, params)
     _close(_jax_logits(lmodel, lparams, ids, mask, pos), want, mask)
 
+    if case == "phi3_all_linear_rslora":  # the decode path's fused adapters (shared A passed to q/k/v, gate/up)
+        _check_decoding(lmodel, lparams, ids[:1, :8])  # (8: within LongRoPE's short factors, cached or not)
+
     # the base (adapters removed from the tree) is the model PEFT runs with its adapters disabled
     with pm.disable_adapter():
         base_want = torch_logits(pm, ids, mask, pos)
@@ -118,6 +121,19 @@ def test_peft_adapter_loads_with_equal_logits_and_saves_back(case, tmp_path):
     assert count_params(trainable) == n_peft
 
 
+def _check_decoding(lmodel, lparams, ids, prompt=4):
+    """Cached decoding (prefill ``prompt`` tokens, then token by token) gives the full forward's logits."""
+    full = _jax_logits(lmodel, lparams, ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
+    cache = lmodel.init_cache(1, 16)
+    logits, cache = lmodel.prefill(lparams, cache, jnp.asarray(ids[:1, :prompt]), logits_for="all")
+    steps = [np.asarray(logits)[0]]
+    for t in range(prompt, ids.shape[1]):
+        lg, cache = lmodel.decode_step(lparams, cache, jnp.asarray(ids[:1, t]), jnp.asarray([t]))
+        steps.append(np.asarray(lg))
+    got = np.concatenate([steps[0], np.stack([s[0] for s in steps[1:]])])
+    np.testing.assert_allclose(got, full[0], atol=1e-4, rtol=1e-4)
+
+
 def test_new_adapters_start_as_the_base_and_decode_like_the_forward(tmp_path):
     tm = make_torch_model("qwen3")
     model, params = from_pretrained(save_torch_model(tm, tmp_path / "base"))
@@ -130,15 +146,7 @@ def test_new_adapters_start_as_the_base_and_decode_like_the_forward(tmp_path):
     lparams = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
         if str(p).endswith("'lora_b']") else x, lparams)
-    full = _jax_logits(lmodel, lparams, ids[:1], mask[:1], pos[:1])
-    cache = lmodel.init_cache(1, 16)
-    logits, cache = lmodel.prefill(lparams, cache, jnp.asarray(ids[:1, :6]), logits_for="all")
-    steps = [np.asarray(logits)[0]]
-    for t in range(6, ids.shape[1]):
-        lg, cache = lmodel.decode_step(lparams, cache, jnp.asarray(ids[:1, t]), jnp.asarray([t]))
-        steps.append(np.asarray(lg))
-    got = np.concatenate([steps[0], np.stack([s[0] for s in steps[1:]])])
-    np.testing.assert_allclose(got, full[0], atol=1e-4, rtol=1e-4)
+    _check_decoding(lmodel, lparams, ids[:1], prompt=6)
 
 
 def test_resolve_lora_errors_name_the_fix():

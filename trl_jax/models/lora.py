@@ -156,7 +156,7 @@ def is_fused_model(model_cfg) -> bool:
     """Whether the model's checkpoint fuses q/k/v and gate/up (Phi-3; trl_jax.models.hf_io.FUSED_PROJECTIONS)."""
     from trl_jax.models.hf_io import FUSED_PROJECTIONS
 
-    return model_cfg.model_type in FUSED_PROJECTIONS and not getattr(model_cfg, "num_experts", 0)
+    return model_cfg.model_type in FUSED_PROJECTIONS
 
 
 def _get(cfg, name, default=None):
