@@ -223,7 +223,9 @@ def test_phi3_fused_shared_a_gradient_and_dropout_equal_peft(tmp_path, monkeypat
     mesh = None
     if jax.device_count() >= 8:
         mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    lmodel, lparams = load_adapter(tmp_path / "adapter", *from_pretrained(base_dir, mesh=mesh), mesh=mesh)
+    # scanned, rematerialised layers (a trainer's setup): dropout masks drawn per layer inside the remat'd scan
+    lmodel, lparams = load_adapter(tmp_path / "adapter", *from_pretrained(base_dir, mesh=mesh, remat_policy="full"),
+                                   mesh=mesh)
     if mesh is not None:
         P = jax.sharding.PartitionSpec
         attn, mlp = lparams["layers"]["self_attn"], lparams["layers"]["mlp"]
