@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from trl_jax.models.attention import attend, build_mask, static_window, window_mask
 from trl_jax.models.config import NO_WINDOW, ModelConfig
-from trl_jax.models.lora import LoraDenseGeneral
+from trl_jax.models.lora import LoraDenseGeneral, SharedLoraA
 from trl_jax.models.moe import ragged_experts, resolve_moe_impl, router_weights, sharded_ragged_experts, top_k_routing
 from trl_jax.models.rope import apply_rope, layer_cos_sin, rope_cos_sin
 from trl_jax.parallel.rules import active_mesh, active_spec, constrain
@@ -136,6 +136,15 @@ def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, laye
     )
 
 
+def _shared_lora(cfg: ModelConfig, name: str, layer, x):
+    """``(shared A, dropped-out x)`` of the fused PEFT module ``name`` (Phi-3's ``qkv_proj`` / ``gate_up_proj``)
+    for its split parts (trl_jax.models.lora.SharedLoraA); ``(None, None)`` without fused LoRA."""
+    if cfg.lora is None or not cfg.lora.fused:
+        return None, None
+    return SharedLoraA(lora=cfg.lora, lora_init=cfg.lora.adapts(name, layer), in_axes=("embed",), dtype=cfg.dtype,
+                       param_dtype=cfg.param_dtype, name=name)(x)
+
+
 _QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # bnb: all but heads
 
 
@@ -148,9 +157,13 @@ class Attention(nn.Module):
         c = self.cfg
         N, K, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
         li = self.layer
-        q = _dense((N, Hd), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="q_proj", layer=li)(x)
-        k = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="k_proj", layer=li)(x)
-        v = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="v_proj", layer=li)(x)
+        fa = _shared_lora(c, "qkv_proj", li, x)  # Phi-3 + LoRA on qkv_proj: one A shared by q, k and v
+        q = _dense((N, Hd), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="q_proj",
+                   layer=li)(x, *fa)
+        k = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="k_proj",
+                   layer=li)(x, *fa)
+        v = _dense((K, Hd), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, cfg=c, name="v_proj",
+                   layer=li)(x, *fa)
         if c.qk_norm:
             q = _norm(c, "q_norm", "head_dim")(q)
             k = _norm(c, "k_norm", "head_dim")(k)
@@ -180,8 +193,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, li = self.cfg, self.layer
-        g = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="gate_proj", layer=li)(x)
-        u = _dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="up_proj", layer=li)(x)
+        fa = _shared_lora(c, "gate_up_proj", li, x)  # Phi-3 + LoRA on gate_up_proj: one A shared by gate and up
+        F = c.intermediate_size
+        g = _dense(F, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="gate_proj", layer=li)(x, *fa)
+        u = _dense(F, ("embed", "mlp"), use_bias=c.mlp_bias, cfg=c, name="up_proj", layer=li)(x, *fa)
         hidden = constrain(_act(c.hidden_act)(g) * u, _MLP)
         return _dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, cfg=c, name="down_proj", layer=li)(hidden)
 
@@ -425,14 +440,17 @@ def _decode_layer(cfg: ModelConfig, p, x, cos, sin, mask, k_all, v_all, layer, i
     N, K, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
     a = p["self_attn"]
 
-    def dense(inp, features, axes, use_bias, params, axis=-1, bias_axes=None):
+    def dense(inp, features, axes, use_bias, params, axis=-1, bias_axes=None, shared_a=None):
         return _dense(features, axes, use_bias=use_bias, cfg=c, name=None, axis=axis,
-                      bias_axes=bias_axes).apply({"params": params}, inp)
+                      bias_axes=bias_axes).apply({"params": params}, inp, shared_a)
+
+    # Phi-3 + LoRA on qkv_proj: the shared A of q, k and v (no dropout when decoding)
+    qkv_a = a["qkv_proj"].get("lora_a") if isinstance(a.get("qkv_proj"), dict) else None
 
     def attention(h):
-        q = dense(h, (N, Hd), ("embed", "heads", "head_dim"), c.qkv_bias, a["q_proj"])
-        k = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["k_proj"])
-        v = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["v_proj"])
+        q = dense(h, (N, Hd), ("embed", "heads", "head_dim"), c.qkv_bias, a["q_proj"], shared_a=qkv_a)
+        k = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["k_proj"], shared_a=qkv_a)
+        v = dense(h, (K, Hd), ("embed", "kv_heads", "head_dim"), c.qkv_bias, a["v_proj"], shared_a=qkv_a)
         if c.qk_norm:
             q = _norm(c, None, "head_dim").apply({"params": a["q_norm"]}, q)
             k = _norm(c, None, "head_dim").apply({"params": a["k_norm"]}, k)

@@ -15,6 +15,15 @@ removed from the tree is the base model (the reference of DPO/KTO/GRPO, TRL's ``
 
 Shapes (``[L]`` leading when layers are scanned): ``lora_a [*in, r]`` (logical axes: the kernel's input axes,
 ``lora_rank``), ``lora_b [r, *out]`` (``lora_rank``, the kernel's output axes), ``lora_magnitude [*out]``.
+
+Fused projections (Phi-3: the checkpoint's ``qkv_proj`` / ``gate_up_proj``, held split as q/k/v and gate/up
+kernels): PEFT puts ONE adapter on the fused module, ``lora_A [r, in]``, ``lora_B [out_q + out_k + out_v, r]``,
+one DoRA magnitude per fused output row and one dropout mask on its input. trl_jax holds the same adapter as one
+shared A in a node named after the fused module (``self_attn/qkv_proj/lora_a [D, r]``, created by
+:class:`SharedLoraA` in the parent ``Attention`` / ``MLP``) and B (and the magnitude) split by output rows into the
+parts (``q_proj/lora_b [r, N, Hd]``, ...). Every part computes ``dropout(x) A B_part`` from the same A and the
+same dropped-out ``x``, so the outputs concatenate to PEFT's fused output and A's gradient is the sum over the
+parts, as PEFT's; DoRA's norm is per output row, so splitting rows leaves it unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +46,12 @@ ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 # our projection names, in HF module order (the keys PEFT matches against)
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+# fused PEFT module (Phi-3's HF name) -> our split projections, in the fused module's row order
+FUSED_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED_OF = {part: fused for fused, parts in FUSED_GROUPS.items() for part in parts}
+# the HF linear modules of a model with fused projections, in HF module order (PEFT's target names)
+FUSED_ATTENTION_PROJ = ("o_proj", "qkv_proj")
+FUSED_MLP_PROJ = ("gate_up_proj", "down_proj")
 SUPPORTED_INIT = (True, "gaussian", False)
 
 
@@ -86,6 +101,9 @@ class LoraSpec:
     # PEFT: a tied LM head stays tied to the *original* embedding when embed_tokens is in modules_to_save, unless
     # ensure_weight_tying (then the trained copy feeds both)
     ensure_weight_tying: bool = False
+    # the model fuses q/k/v and gate/up (Phi-3): targets name the fused modules (``qkv_proj``, ``gate_up_proj``),
+    # each one adapter with a shared A (see the module docstring)
+    fused: bool = False
 
     @property
     def scaling(self) -> float:
@@ -96,12 +114,16 @@ class LoraSpec:
         return all(t == self.targets[0] for t in self.targets)
 
     def adapts(self, name: str | None, layer: int | None) -> bool:
-        """Whether projection ``name`` of layer ``layer`` (``None``: scanned layers, all alike) gets adapters."""
+        """Whether projection ``name`` of layer ``layer`` (``None``: scanned layers, all alike) gets adapters (a
+        part of a targeted fused module does: its B and magnitude; the fused name: the shared A)."""
         if name is None:
             return False
         if layer is None:  # scanned layers (ModelConfig refuses non-uniform targets there)
-            return self.uniform and name in self.targets[0]
-        return name in self.targets[layer]
+            if not self.uniform:
+                return False
+            layer = 0
+        t = self.targets[layer]
+        return name in t or (self.fused and FUSED_OF.get(name) in t)
 
     @property
     def num_adapted(self) -> int:
@@ -109,17 +131,32 @@ class LoraSpec:
 
 
 # ------------------------------------------------------------------------------------------ resolving a config
-def hf_linear_modules(num_layers: int, *, lm_head: bool, score: bool) -> list[tuple[str, int | None, str]]:
-    """``(HF module name, layer, our projection name)`` of every linear layer of the decoder, in HF order."""
+def layer_projections(fused: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ``(attention, MLP)`` linear modules of a layer, PEFT's names (fused: Phi-3's ``qkv_proj`` ...)."""
+    return (FUSED_ATTENTION_PROJ, FUSED_MLP_PROJ) if fused else (ATTENTION_PROJ, MLP_PROJ)
+
+
+def hf_linear_modules(num_layers: int, *, lm_head: bool, score: bool,
+                      fused: bool = False) -> list[tuple[str, int | None, str]]:
+    """``(HF module name, layer, projection name)`` of every linear layer of the decoder, in HF order (``fused``:
+    the checkpoint's fused ``qkv_proj`` / ``gate_up_proj`` in place of their parts)."""
+    attn, mlp = layer_projections(fused)
     out = []
     for i in range(num_layers):
-        out += [(f"model.layers.{i}.self_attn.{p}", i, p) for p in ATTENTION_PROJ]
-        out += [(f"model.layers.{i}.mlp.{p}", i, p) for p in MLP_PROJ]
+        out += [(f"model.layers.{i}.self_attn.{p}", i, p) for p in attn]
+        out += [(f"model.layers.{i}.mlp.{p}", i, p) for p in mlp]
     if lm_head:
         out.append(("lm_head", None, "lm_head"))
     if score:
         out.append(("score", None, "score"))
     return out
+
+
+def is_fused_model(model_cfg) -> bool:
+    """Whether the model's checkpoint fuses q/k/v and gate/up (Phi-3; trl_jax.models.hf_io.FUSED_PROJECTIONS)."""
+    from trl_jax.models.hf_io import FUSED_PROJECTIONS
+
+    return model_cfg.model_type in FUSED_PROJECTIONS
 
 
 def _get(cfg, name, default=None):
@@ -198,10 +235,26 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
     task = str(getattr(task, "value", task)) if task is not None else None
     seq_cls = task == "SEQ_CLS" or bool(model_cfg.num_labels)
     has_lm_head = model_cfg.has_lm_head and not model_cfg.tie_word_embeddings and not model_cfg.num_labels
-    modules = hf_linear_modules(model_cfg.num_hidden_layers, lm_head=has_lm_head, score=bool(model_cfg.num_labels))
+    fused = is_fused_model(model_cfg)
+    modules = hf_linear_modules(model_cfg.num_hidden_layers, lm_head=has_lm_head, score=bool(model_cfg.num_labels),
+                                fused=fused)
+    attn_proj, mlp_proj = layer_projections(fused)
+    layer_names = ", ".join(attn_proj + mlp_proj)
     target = _as_tuple(_get(peft_config, "target_modules"))
+    if target is None and fused:
+        raise ValueError(f"target_modules must be given for {model_cfg.model_type} (PEFT has no default for it): its "
+                         f"linear layers are {layer_names}, e.g. target_modules=['qkv_proj', 'o_proj'] or "
+                         "'all-linear'.")
     if target is None:
         target = ("q_proj", "v_proj")
+    if fused and not isinstance(target, str):
+        split = [t for t in target if re.search(r"(^|\.)(q|k|v|gate|up)_proj$", t)]
+        if split:
+            raise ValueError(
+                f"target_modules {list(split)}: {model_cfg.model_type} has no such module -- its checkpoint fuses "
+                "q/k/v into 'qkv_proj' and gate/up into 'gate_up_proj' (its linear layers are "
+                f"{layer_names}). Target 'qkv_proj' / 'gate_up_proj' (one adapter per fused module, as PEFT) "
+                "or 'all-linear'.")
     to_save = list(_as_tuple(_get(peft_config, "modules_to_save")) or ())
     if seq_cls and "score" not in to_save:
         to_save.append("score")  # PEFT's SEQ_CLS task: the classification head is trained in full
@@ -227,12 +280,12 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
         raise ValueError(f"LoRA on {head} is not supported (the LM head runs inside the fused log-prob kernel); "
                          f"list it in modules_to_save to train it in full.")
     if not chosen:
-        hint = (" One string is a regular expression over full module names (PEFT's rule), e.g. r'.*\.q_proj'; "
+        hint = (" One string is a regular expression over full module names (PEFT's rule), e.g. r'.*\\.q_proj'; "
                 "a list of names matches by suffix." if isinstance(target, str) else "")
         raise ValueError(f"target_modules={target!r} matches no linear layer of this {model_cfg.model_type} model; its "
-                         "layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj "
-                         f"(or 'all-linear').{hint}")
-    targets = tuple(tuple(p for p in ATTENTION_PROJ + MLP_PROJ if p in chosen.get(i, ()))
+                         f"layers are {layer_names} (or 'all-linear').{hint}")
+    order = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") if fused else ATTENTION_PROJ + MLP_PROJ
+    targets = tuple(tuple(p for p in order if p in chosen.get(i, ()))
                     for i in range(model_cfg.num_hidden_layers))
     known = {"lm_head", "embed_tokens", "score", "norm", "v_head"}
     for m in to_save:
@@ -247,7 +300,7 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
         task_type="SEQ_CLS" if seq_cls else (task or "CAUSAL_LM"),
         target_modules=target if isinstance(target, str) else tuple(target),
         layers_to_transform=None if ltt is None else ((ltt,) if isinstance(ltt, int) else tuple(ltt)),
-        ensure_weight_tying=bool(_get(peft_config, "ensure_weight_tying", False)),
+        ensure_weight_tying=bool(_get(peft_config, "ensure_weight_tying", False)), fused=fused,
     )
 
 
@@ -355,7 +408,10 @@ class LoraDenseGeneral(nn.DenseGeneral):
         return y, kernel
 
     @nn.compact
-    def __call__(self, inputs):
+    def __call__(self, inputs, shared_a=None, lora_inputs=None):
+        """``shared_a``: the shared A of the fused module this projection is a part of (:class:`SharedLoraA`;
+        this projection then holds only B and the magnitude), ``lora_inputs``: the fused module's dropped-out
+        input (one mask for all its parts; ``None``: no dropout)."""
         axis = self.axis if isinstance(self.axis, tuple) else (self.axis,)
         axis = tuple(a % inputs.ndim for a in axis)
         n_in = len(axis)
@@ -366,13 +422,19 @@ class LoraDenseGeneral(nn.DenseGeneral):
         else:
             y, kernel = super().__call__(inputs), None
         spec = self.lora
-        if spec is None or not (self.has_variable("params", "lora_a") or (self.is_initializing() and self.lora_init)):
+        if spec is None:
+            return y
+        shared = shared_a is not None
+        if not shared and not (self.has_variable("params", "lora_a") or (self.is_initializing() and self.lora_init)):
             return y
         in_axes, out_axes = self.kernel_axes[:n_in], self.kernel_axes[n_in:]
         init = spec.init_lora_weights
-        lora_a = self.param("lora_a", nn.with_logical_partitioning(
-            lambda k, s, d: lora_a_init(k, s, d, init), in_axes + ("lora_rank",)),
-            in_shape + (spec.r,), self.param_dtype)
+        if shared:
+            lora_a = shared_a
+        else:
+            lora_a = self.param("lora_a", nn.with_logical_partitioning(
+                lambda k, s, d: lora_a_init(k, s, d, init), in_axes + ("lora_rank",)),
+                in_shape + (spec.r,), self.param_dtype)
         lora_b = self.param("lora_b", nn.with_logical_partitioning(
             lambda k, s, d: lora_b_init(k, s, d, init), ("lora_rank",) + out_axes),
             (spec.r,) + features, self.param_dtype)
@@ -388,7 +450,10 @@ class LoraDenseGeneral(nn.DenseGeneral):
         dtype = self.dtype or inputs.dtype
         x = inputs.astype(dtype)
         dropped = False
-        if spec.lora_dropout > 0 and self.has_rng("dropout"):
+        if shared:  # the fused module's input, dropped out once for all its parts (PEFT: one dropout per module)
+            if lora_inputs is not None:
+                x, dropped = lora_inputs.astype(dtype), True
+        elif spec.lora_dropout > 0 and self.has_rng("dropout"):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - spec.lora_dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - spec.lora_dropout), 0).astype(dtype)
             dropped = True
@@ -408,6 +473,35 @@ class LoraDenseGeneral(nn.DenseGeneral):
         else:
             base = y
         return y + (scale - 1) * base + scale * lora_out
+
+
+class SharedLoraA(nn.Module):
+    """The shared LoRA A ``[D, r]`` of a fused PEFT module (Phi-3's ``qkv_proj`` / ``gate_up_proj``), named after
+    it in the parent ``Attention`` / ``MLP``, and the module's dropout: ``(lora_a, dropped-out x)`` for the parts
+    (:class:`LoraDenseGeneral`'s ``shared_a`` / ``lora_inputs``); ``(None, None)`` when the params hold no adapter
+    here (the base model) and it is not being created."""
+
+    lora: Any = None
+    lora_init: bool = False
+    in_axes: tuple = ("embed",)
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        spec = self.lora
+        if spec is None or not (self.has_variable("params", "lora_a") or (self.is_initializing() and self.lora_init)):
+            return None, None
+        init = spec.init_lora_weights
+        lora_a = self.param("lora_a", nn.with_logical_partitioning(
+            lambda k, s, d: lora_a_init(k, s, d, init), tuple(self.in_axes) + ("lora_rank",)),
+            (x.shape[-1], spec.r), self.param_dtype)
+        dropped = None
+        if spec.lora_dropout > 0 and self.has_rng("dropout"):
+            dtype = self.dtype or x.dtype
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - spec.lora_dropout, x.shape)
+            dropped = jnp.where(keep, x.astype(dtype) / (1.0 - spec.lora_dropout), 0).astype(dtype)
+        return lora_a, dropped
 
 
 # ------------------------------------------------------------------------------------------ parameter trees
@@ -433,8 +527,8 @@ def trainable_names(params, spec: LoraSpec) -> frozenset:
             out.add(names)
         elif names[-1] == "bias" and spec.bias == "all":
             out.add(names)
-        elif names[-1] == "bias" and spec.bias == "lora_only" and _node(params, names[:-1]).get("lora_a") is not None:
-            out.add(names)
+        elif names[-1] == "bias" and spec.bias == "lora_only" and _node(params, names[:-1]).get("lora_b") is not None:
+            out.add(names)  # (every part of an adapted fused module: its bias is the fused module's)
     return frozenset(out)
 
 
@@ -494,19 +588,35 @@ def merge_adapters(params, spec: LoraSpec, dtype=None):
     feature by ``m / ||W + scaling * A B||``), adapter leaves dropped. Leaves are computed in fp32 and stored in
     ``dtype`` (default: the kernel's dtype)."""
 
-    def walk(node):
+    def walk(node, shared_a=None):
         if not isinstance(node, dict):
             return node
-        if "lora_a" in node:
+        if "lora_b" in node:
+            a = node.get("lora_a", shared_a)
             k = node["kernel"]
-            stacked = node["lora_a"].ndim + node["lora_b"].ndim == k.ndim + 3  # a leading [L] on all three
+            stacked = a.ndim + node["lora_b"].ndim == k.ndim + 3  # a leading [L] on all three
             out = {n: v for n, v in node.items() if n not in ADAPTER_LEAVES}
-            out["kernel"] = _merged_kernel(k, node["lora_a"], node["lora_b"], node.get("lora_magnitude"), spec,
+            out["kernel"] = _merged_kernel(k, a, node["lora_b"], node.get("lora_magnitude"), spec,
                                            stacked).astype(dtype or k.dtype)
             return out
-        return {n: walk(v) for n, v in node.items()}
+        # a fused module's shared A (``qkv_proj/lora_a``) merges into each of its parts, then goes
+        shared = {part: node[f]["lora_a"] for f, parts in FUSED_GROUPS.items()
+                  if isinstance(node.get(f), dict) and "lora_a" in node[f] for part in parts}
+        out = {}
+        for n, v in node.items():
+            if n in FUSED_GROUPS and isinstance(v, dict) and set(v) <= set(ADAPTER_LEAVES):
+                continue
+            out[n] = walk(v, shared.get(n))
+        return out
 
     return walk(params)
+
+
+def shared_a_path(names: tuple) -> tuple | None:
+    """The path of the shared A of the fused module projection ``names`` (``(..., "q_proj")``) is a part of:
+    ``(..., "qkv_proj", "lora_a")`` (``None`` for a projection of no fused module)."""
+    fused = FUSED_OF.get(names[-1])
+    return None if fused is None else tuple(names[:-1]) + (fused, "lora_a")
 
 
 def _merged_kernel(k, a, b, m, spec, stacked):
@@ -528,6 +638,7 @@ __all__ = [
     "LoraConfig",
     "LoraDenseGeneral",
     "LoraSpec",
+    "SharedLoraA",
     "adapters_are_identity",
     "combine",
     "count_params",

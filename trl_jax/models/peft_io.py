@@ -5,6 +5,10 @@ A PEFT adapter directory holds ``adapter_config.json`` (``peft.LoraConfig`` fiel
 ``...lora_B.weight [out, r]``, ``...lora_magnitude_vector [out]`` (DoRA) and ``base_model.model.<HF name>`` for the
 ``modules_to_save``; ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads what
 :func:`save_adapter` writes, and :func:`load_adapter` reads what PEFT saves.
+
+A fused module (Phi-3's ``qkv_proj`` / ``gate_up_proj``) is one PEFT adapter: its ``lora_A`` is our shared
+``qkv_proj/lora_a``, its ``lora_B`` rows (and magnitude) the parts' ``lora_b`` concatenated in q, k, v (gate, up)
+order.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import numpy as np
 
 from trl_jax.models.hf_io import _get as _get_path
 from trl_jax.models.hf_io import _param_path, _to_host, param_entries
-from trl_jax.models.lora import (ADAPTER_LEAVES, LoraSpec, combine, dora_weight_norm, lora_a_init, lora_b_init,
-                                 path_names, resolve_lora)
+from trl_jax.models.lora import (ADAPTER_LEAVES, FUSED_GROUPS, LoraSpec, combine, dora_weight_norm, lora_a_init,
+                                 lora_b_init, path_names, resolve_lora, shared_a_path)
 from trl_jax.models.model import CausalLM
 from trl_jax.models.safetensors_io import SafetensorsFile, save_file
 
@@ -29,8 +33,8 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _PEFT_LEAF = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 # our projection -> HF module path inside a layer
-_HF_PROJ = {**{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-            **{p: f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+_HF_PROJ = {**{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")},
+            **{p: f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}}
 
 
 def is_adapter_dir(path) -> bool:
@@ -67,46 +71,70 @@ def _shardings(model: CausalLM, mesh, rules):
 
 
 def add_adapters(model: CausalLM, params, spec: LoraSpec, *, rng=None, mesh=None, rules=None,
-                 adapter_dtype=None):
+                 adapter_dtype=None, _placeholders=False):
     """``(adapted model, params with new adapters)``: LoRA A random (PEFT's init), B zero (so the adapted model
     equals the base), DoRA magnitudes ``||W||`` of the loaded kernels. New leaves are placed on the sharding their
     logical axes give on ``mesh`` (the kernel's input/output axes); ``adapter_dtype`` defaults to the
-    model's ``param_dtype``. ``params`` are not copied."""
+    model's ``param_dtype``. ``params`` are not copied. (``_placeholders``: zeros everywhere, for
+    :func:`load_adapter` to overwrite: no random init to compile.)"""
     lmodel = with_lora(model, spec)
     dtype = adapter_dtype or model.config.param_dtype
     rng = jax.random.PRNGKey(0) if rng is None else rng
     shardings = _shardings(lmodel, mesh, rules)
     new: dict = {}
     leaves = _new_leaves(lmodel, params)
-    for i, (names, x) in enumerate(leaves):
-        if names[-1] not in ("lora_a", "lora_b"):
-            continue
-        init = lora_a_init if names[-1] == "lora_a" else lora_b_init
-        stacked = names[0] == "layers"
-        key = jax.random.fold_in(rng, i)
-        sharding = _get_path(shardings, names)
+    # one compiled init for every A and B (keys: fold_in(rng, leaf index)), one for every DoRA magnitude
+    ab = [(i, names, x.shape) for i, (names, x) in enumerate(leaves) if names[-1] in ("lora_a", "lora_b")]
 
-        def make(key, init=init, shape=x.shape, stacked=stacked):
-            if stacked:
+    def make_all(rng):
+        out = []
+        for i, names, shape in ab:
+            if _placeholders:
+                out.append(jnp.zeros(shape, dtype))
+                continue
+            init = lora_a_init if names[-1] == "lora_a" else lora_b_init
+            key = jax.random.fold_in(rng, i)
+            if names[0] == "layers":
                 keys = jax.random.split(key, shape[0])
-                return jax.vmap(lambda k: init(k, shape[1:], dtype, spec.init_lora_weights))(keys)
-            return init(key, shape, dtype, spec.init_lora_weights)
+                out.append(jax.vmap(lambda k, init=init, shape=shape: init(k, shape[1:], dtype,
+                                                                            spec.init_lora_weights))(keys))
+            else:
+                out.append(init(key, shape, dtype, spec.init_lora_weights))
+        return out
 
-        _set(new, names, jax.jit(make, out_shardings=sharding)(key))
+    if ab:
+        made = jax.jit(make_all, out_shardings=[_get_path(shardings, names) for _, names, _ in ab])(rng)
+        for (_, names, _), arr in zip(ab, made):
+            _set(new, names, arr)
+    mags = []  # (names, A path, n_in, kernel)
     for names, x in leaves:
         if names[-1] != "lora_magnitude":
             continue
+        if _placeholders:
+            _set(new, names, jax.device_put(jnp.zeros(x.shape, dtype), _get_path(shardings, names)))
+            continue
         module = names[:-1]
-        a, b = _get_path(new, module + ("lora_a",)), _get_path(new, module + ("lora_b",))
+        a_path = module + ("lora_a",)
+        if not _has_path(new, a_path):  # a part of a fused module: the shared A
+            a_path = shared_a_path(module)
+        a = _get_path(new, a_path)
         n_in = a.ndim - 1 - (1 if names[0] == "layers" else 0)
-        kernel = _kernel_of(model, params, module, a.shape[a.ndim - 1 - n_in:-1])
+        mags.append((names, a_path, n_in, _kernel_of(model, params, module, a.shape[a.ndim - 1 - n_in:-1])))
 
-        def norm(k, a, b, n_in=n_in):
-            f = lambda k, a, b: dora_weight_norm(k.astype(jnp.float32), a.astype(jnp.float32),  # noqa: E731
-                                                 b.astype(jnp.float32), spec.scaling, n_in).astype(dtype)
-            return jax.vmap(f)(k, a, b) if names[0] == "layers" else f(k, a, b)
+    def norms(kernels, As, Bs):
+        out = []
+        for (names, _, n_in, _), k, a, b in zip(mags, kernels, As, Bs):
+            f = lambda k, a, b, n_in=n_in: dora_weight_norm(  # noqa: E731
+                k.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32), spec.scaling, n_in).astype(dtype)
+            out.append(jax.vmap(f)(k, a, b) if names[0] == "layers" else f(k, a, b))
+        return out
 
-        _set(new, names, jax.jit(norm, out_shardings=_get_path(shardings, names))(kernel, a, b))
+    if mags:
+        made = jax.jit(norms, out_shardings=[_get_path(shardings, m[0]) for m in mags])(
+            [m[3] for m in mags], [_get_path(new, m[1]) for m in mags],
+            [_get_path(new, m[0][:-1] + ("lora_b",)) for m in mags])
+        for m, arr in zip(mags, made):
+            _set(new, m[0], arr)
     missing = [names for names, _ in leaves if names[-1] not in ADAPTER_LEAVES]
     if missing:
         raise ValueError(f"adding adapters created unexpected parameters {missing[:3]}")
@@ -158,6 +186,14 @@ def _kernel_of(model: CausalLM, params, module: tuple, in_shape: tuple):
         node["kernel_q"], node["kernel_absmax"])
 
 
+def _has_path(tree, names) -> bool:
+    for n in names:
+        if not isinstance(tree, dict) or n not in tree:
+            return False
+        tree = tree[n]
+    return True
+
+
 def _set(tree, names, value):
     for n in names[:-1]:
         tree = tree.setdefault(n, {})
@@ -166,14 +202,18 @@ def _set(tree, names, value):
 
 # ------------------------------------------------------------------------------------------ saving
 def _adapter_modules(model: CausalLM, params):
-    """``[(HF module name, our module path)]`` of every adapted projection (one entry per layer)."""
+    """``[(HF module name, our module path, layer, parts)]`` of every adapted PEFT module (one entry per layer).
+    ``parts``: a fused module's split projections (paths of their B / magnitude, in PEFT's row order; its A at
+    ``our module path``), ``()`` for a plain projection."""
     cfg = model.config
     out = []
     for i, names in enumerate(cfg.lora.targets):
         for proj in names:
-            group = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            ours = (("layers",) if cfg.scan_layers else (f"layers_{i}",)) + (group, proj)
-            out.append((f"model.layers.{i}.{_HF_PROJ[proj]}", ours, i))
+            hf = _HF_PROJ[proj]
+            group = hf.split(".")[0]
+            prefix = (("layers",) if cfg.scan_layers else (f"layers_{i}",)) + (group,)
+            parts = tuple(prefix + (p,) for p in FUSED_GROUPS.get(proj, ()))
+            out.append((f"model.layers.{i}.{hf}", prefix + (proj,), i, parts))
     return out
 
 
@@ -189,14 +229,15 @@ def adapter_state_dict(model: CausalLM, params) -> dict[str, np.ndarray]:
         x = cache[path]
         return x[i] if cfg.scan_layers and path[0] == "layers" else x
 
-    for hf, ours, i in _adapter_modules(model, params):
+    for hf, ours, i, parts in _adapter_modules(model, params):
+        rows = parts or (ours,)  # B / magnitude: a fused module's parts' rows, concatenated in PEFT's order
         a = host(ours + ("lora_a",), i)
-        b = host(ours + ("lora_b",), i)
+        b = np.concatenate([host(p + ("lora_b",), i).reshape(spec.r, -1).T for p in rows])
         out[f"{_PREFIX}{hf}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.r).T)
-        out[f"{_PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.r, -1).T)
+        out[f"{_PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(b)
         if spec.use_dora:
-            out[f"{_PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(host(ours + ("lora_magnitude",),
-                                                                                    i).reshape(-1))
+            out[f"{_PREFIX}{hf}.lora_magnitude_vector"] = np.ascontiguousarray(np.concatenate(
+                [host(p + ("lora_magnitude",), i).reshape(-1) for p in rows]))
     for entry, names, i in _saved_module_entries(model, params):
         arr = host(names, i if entry.stacked else None)
         out[_PREFIX + entry.hf.format(i=i)] = np.ascontiguousarray(entry.to_hf(arr))
@@ -219,6 +260,9 @@ def _saved_module_entries(model: CausalLM, params):
 
 def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None) -> dict:
     target = spec.target_modules
+    if spec.fused and isinstance(target, str) and target.lower() == "all-linear":
+        # as PEFT writes it for Phi-3: 'all-linear' expanded to the adapted modules' full names
+        target = tuple(f"model.layers.{i}.{_HF_PROJ[p]}" for i, names in enumerate(spec.targets) for p in names)
     return {
         "peft_type": "LORA",
         "task_type": spec.task_type,
@@ -268,7 +312,8 @@ def load_adapter(directory, model: CausalLM, params, *, mesh=None, rules=None, a
     directory = os.fspath(directory)
     config = read_adapter_config(directory)
     spec = resolve_lora(config, model.config)
-    lmodel, params = add_adapters(model, params, spec, mesh=mesh, rules=rules, adapter_dtype=adapter_dtype)
+    lmodel, params = add_adapters(model, params, spec, mesh=mesh, rules=rules, adapter_dtype=adapter_dtype,
+                                  _placeholders=True)  # every adapter leaf is read from the file below
     f = SafetensorsFile(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
     keys = set(f.keys())
     names = {k.replace(".default.", ".") for k in keys}
@@ -279,7 +324,11 @@ def load_adapter(directory, model: CausalLM, params, *, mesh=None, rules=None, a
     cfg = lmodel.config
     used = set()
     per_leaf: dict = {}
-    for hf, ours, i in _adapter_modules(lmodel, params):
+    def layer_shape(path):
+        want = _get_path(params, path)
+        return want.shape[1:] if path[0] == "layers" else want.shape
+
+    for hf, ours, i, parts in _adapter_modules(lmodel, params):
         for leaf, peft_name in _PEFT_LEAF.items():
             if leaf == "lora_magnitude" and not spec.use_dora:
                 continue
@@ -287,16 +336,21 @@ def load_adapter(directory, model: CausalLM, params, *, mesh=None, rules=None, a
             if key not in keys:
                 raise ValueError(f"{directory}: {ADAPTER_WEIGHTS_NAME} lacks {key!r}.")
             used.add(key)
-            want = _get_path(params, ours + (leaf,))
-            shape = want.shape[1:] if cfg.scan_layers else want.shape
             t = f[key]
             if leaf == "lora_a":
-                arr = t.T.reshape(shape)
-            elif leaf == "lora_b":
-                arr = t.T.reshape(shape)
-            else:
-                arr = t.reshape(shape)
-            per_leaf.setdefault(ours + (leaf,), {})[i] = arr
+                per_leaf.setdefault(ours + (leaf,), {})[i] = t.T.reshape(layer_shape(ours + (leaf,)))
+                continue
+            rows = parts or (ours,)  # a fused module's B rows / magnitudes: its parts', in PEFT's order
+            shapes = [layer_shape(p + (leaf,)) for p in rows]
+            sizes = [int(np.prod(sh[1:] if leaf == "lora_b" else sh)) for sh in shapes]
+            if t.shape[0] != sum(sizes):
+                raise ValueError(f"{directory}: {key} has {t.shape[0]} rows, expected {sum(sizes)} "
+                                 f"({' + '.join(map(str, sizes))}).")
+            start = 0
+            for p, sh, n in zip(rows, shapes, sizes):
+                part = t[start:start + n]
+                start += n
+                per_leaf.setdefault(p + (leaf,), {})[i] = part.T.reshape(sh) if leaf == "lora_b" else part.reshape(sh)
     for entry, names_, i in _saved_module_entries(lmodel, params):
         key = _PREFIX + entry.hf.format(i=i)
         if key not in keys:
@@ -308,6 +362,10 @@ def load_adapter(directory, model: CausalLM, params, *, mesh=None, rules=None, a
     if unused:
         raise ValueError(f"{directory}: adapter tensors {sorted(unused)[:3]} do not belong to this "
                          f"{cfg.model_type} model with target_modules={spec.target_modules!r}.")
+    unset = [n for n in (path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
+             if n[-1] in ADAPTER_LEAVES and n not in per_leaf]
+    if unset:  # (add_adapters made placeholders: each one must come from the file)
+        raise ValueError(f"{directory}: no tensor for the adapter leaves {['/'.join(n) for n in unset[:3]]}.")
     for names_, by_layer in per_leaf.items():
         stacked = names_[0] == "layers"
         arr = np.stack([by_layer[i] for i in sorted(by_layer)]) if stacked else by_layer[next(iter(by_layer))]
