@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark preset in one command (about 8 minutes on one H100/H200), one JSON line per figure.
+# Every GPU benchmark preset in one command (about 9 minutes on one H100/H200), one JSON line per figure.
 #   bash benchmarks/gpu_suite.sh            # prints the lines; also writes $OUT/gpu_suite.jsonl when OUT is set
 # Installs what the GPU image lacks (trl_jax itself, datasets, trl, ...) from wheels in .whl/ when that folder exists
 # (no registry needed), else from the package registry.
