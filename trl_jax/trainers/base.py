@@ -107,6 +107,13 @@ def _dtype(name):
     return _DTYPES[name] if isinstance(name, str) else name
 
 
+def kernel_choices(args) -> dict:
+    """The config's attention kernel and expert dispatch (``attn_implementation``, ``moe_implementation``) as
+    ``from_pretrained`` keyword arguments: every model a trainer loads (policy, teacher, reward models) uses them."""
+    return dict(attention_impl=getattr(args, "attn_implementation", None) or "auto",
+                moe_impl=getattr(args, "moe_implementation", None) or "auto")
+
+
 class BaseTrainer(PeftMixin, abc.ABC):
     """Shared loop; see the module docstring. Subclasses set ``_tag`` and ``config_class`` and implement the hooks."""
 
@@ -171,8 +178,7 @@ class BaseTrainer(PeftMixin, abc.ABC):
                 scan_layers=args.scan_layers,
                 remat_policy=_REMAT_ALIASES.get(args.remat_policy, args.remat_policy),
                 value_head=self._needs_value_head(),
-                attention_impl=getattr(args, "attn_implementation", None) or "auto",
-                moe_impl=getattr(args, "moe_implementation", None) or "auto",
+                **kernel_choices(args),
             )
             return m, params, os.fspath(model)
         if isinstance(model, tuple) and len(model) == 2:

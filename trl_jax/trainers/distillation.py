@@ -45,8 +45,8 @@ from trl_jax.parallel import batch_parallel_size
 from trl_jax.parallel.distributed import gather_to_host, is_main_process
 from trl_jax.train.checkpoint import as_path
 from trl_jax.train.precision import cast_floating
-from trl_jax.trainers.base import (_DTYPES, BaseTrainer, LocalBatch, _dtype, prompt_columns, reject_unsupported,
-                                   take_rows)
+from trl_jax.trainers.base import (_DTYPES, BaseTrainer, LocalBatch, _dtype, kernel_choices, prompt_columns,
+                                   reject_unsupported, take_rows)
 from trl_jax.trainers.logging import AppendFile, truncate_jsonl
 from trl_jax.trainers.online import _StepWithHostMetrics, completion_metrics, tokenize_prompts  # shared layer
 
@@ -124,8 +124,7 @@ class DistillationTrainer(BaseTrainer):
             path = resolve_model_path(os.fspath(teacher))
             self.teacher_model, params = from_pretrained(
                 path, dtype=_dtype(args.compute_dtype), param_dtype=dtype, mesh=self.mesh,
-                scan_layers=args.scan_layers, attention_impl=getattr(args, "attn_implementation", None) or "auto",
-                moe_impl=getattr(args, "moe_implementation", None) or "auto")
+                scan_layers=args.scan_layers, **kernel_choices(args))
         else:
             raise TypeError("teacher_model must be a local directory / hub id / builtin:NAME of an HF checkpoint, or "
                             f"a (trl_jax.models.CausalLM, params) pair; got {type(teacher).__name__}.")

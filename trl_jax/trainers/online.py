@@ -53,7 +53,7 @@ from trl_jax.parallel import batch_parallel_size
 from trl_jax.parallel.distributed import (gather_to_host, is_main_process, is_multiprocess, make_global_batch,
                                           process_rows, sum_over_processes)
 from trl_jax.train.checkpoint import as_path
-from trl_jax.trainers.base import BaseTrainer, LocalBatch, prompt_columns, reject_unsupported
+from trl_jax.trainers.base import BaseTrainer, LocalBatch, kernel_choices, prompt_columns, reject_unsupported
 from trl_jax.trainers.logging import AppendFile, truncate_jsonl
 from trl_jax.trainers.reference import ReferenceModelMixin
 
@@ -284,7 +284,8 @@ class OnlineTrainer(ReferenceModelMixin, BaseTrainer):
                 from trl_jax.models import from_pretrained
 
                 path = resolve_model_path(os.fspath(f))
-                m, p = from_pretrained(path, mesh=self.mesh, scan_layers=self.args.scan_layers)
+                m, p = from_pretrained(path, mesh=self.mesh, scan_layers=self.args.scan_layers,
+                                       **kernel_choices(self.args))
                 if rpc is None:
                     from transformers import AutoTokenizer
 
