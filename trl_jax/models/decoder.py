@@ -130,6 +130,7 @@ def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, laye
         lora_init=cfg.lora is not None and cfg.lora.adapts(name, layer),
         kernel_axes=tuple(axes),
         quant=cfg.quantization if name in _QUANTIZED else None,
+        int8_threshold=cfg.llm_int8_threshold,
     )
 
 
