@@ -345,7 +345,7 @@ class LoraDenseGeneral(nn.DenseGeneral):
     def _int8_base(self, inputs, axis, in_shape, features):
         """``(y, kernel)`` from the 8-bit ``kernel_int8`` / ``kernel_scb``: bitsandbytes' LLM.int8 matmul in the
         compute dtype (``int8_matmul``), and the dequantized kernel (``CB * SCB / 127``, for DoRA)."""
-        from trl_jax.models.quant import dequantize_int8_kernel, int8_matmul
+        from trl_jax.models.quant import current_int8_rows, dequantize_int8_kernel, int8_matmul
 
         n_in = len(axis)
         if axis != tuple(range(inputs.ndim - n_in, inputs.ndim)):
@@ -357,7 +357,9 @@ class LoraDenseGeneral(nn.DenseGeneral):
                          features)
         dtype = self.dtype or inputs.dtype
         bias = self.param("bias", self.bias_init, features, self.param_dtype) if self.use_bias else None
-        y = int8_matmul(inputs.astype(dtype), q, scb, bias, n_in=n_in, threshold=self.int8_threshold)
+        rows = current_int8_rows()
+        rows = rows if rows is not None and rows.shape == inputs.shape[:inputs.ndim - n_in] else None
+        y = int8_matmul(inputs.astype(dtype), q, scb, bias, n_in=n_in, threshold=self.int8_threshold, rows=rows)
         return y, dequantize_int8_kernel(q, scb, dtype)
 
     def _quantized_base(self, inputs, axis, in_shape, features):

@@ -19,14 +19,16 @@ shard like the kernel (the first input axis's logical name on the ``IN`` axis, t
     kernel_scb   fp32 [*out]         SCB: max |W16| over each output feature's inputs
 
 and :func:`int8_matmul` is bitsandbytes' forward: activations rounded to fp16, feature columns holding any
-``|x| >= threshold`` (over every row of the call) taken out and multiplied in the input dtype against the
-dequantized weight, the rest quantized row-wise to int8 (absmax per token), an int32 product, then
+``|x| >= threshold`` (over every row of the call; in the model, over its real tokens: padding rows are left out,
+see :func:`int8_token_rows`) taken out and multiplied in the input dtype against the dequantized weight, the rest quantized row-wise to int8 (absmax per token), an int32 product, then
 ``acc * (row_absmax * SCB) * 6.200124e-05`` (bitsandbytes' constant) plus the bias. Its gradient is
 bitsandbytes' straight-through one: ``dy @ dequant(W)`` for the input, the bias gets ``sum dy``, the weight none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -95,13 +97,19 @@ _INV127 = np.float32(7.874015718698502e-3)  # 1 / 127 as bitsandbytes writes it
 _MM_DEQUANT = np.float32(6.200124e-05)  # bitsandbytes' int8_mm_dequant constant (~ 1 / 127**2)
 
 
+def _rdiv127(stats):
+    """``127.0 / stats`` as torch evaluates a Python number over a tensor: ``reciprocal(stats) * 127`` (two fp32
+    roundings; a single division differs in the last bit, which moves codes sitting at .5)."""
+    return (jnp.float32(1.0) / stats) * jnp.float32(127.0)
+
+
 def quantize_int8_kernel(kernel, n_in: int):
     """``(kernel_int8 int8 [*in, *out], kernel_scb fp32 [*out])`` of ``kernel [*in, *out]``: bitsandbytes'
     ``Int8Params`` (the weight rounded to fp16, then ``int8_vectorwise_quant`` row-wise over ``W = K.T``)."""
     w16 = kernel.astype(jnp.float16)
     in_axes = tuple(range(n_in))
     scb = jnp.max(jnp.abs(w16), axis=in_axes).astype(jnp.float32)
-    scaled = w16.astype(jnp.float32) * (jnp.float32(127.0) / scb)
+    scaled = w16.astype(jnp.float32) * _rdiv127(scb)
     q = jnp.where(scb == 0, 0.0, jnp.round(scaled))  # an all-zero row: codes 0 (bitsandbytes: 0 * inf)
     return q.astype(jnp.int8), scb
 
@@ -117,18 +125,40 @@ def _int8_backward_kernel(kernel_int8, kernel_scb, dtype):
     return (kernel_int8.astype(jnp.float32) * (kernel_scb.astype(jnp.float32) * _INV127)).astype(dtype)
 
 
-def _int8_forward(x, kernel_int8, kernel_scb, bias, n_in, threshold):
+_INT8_ROWS: contextvars.ContextVar = contextvars.ContextVar("trl_jax_int8_rows", default=None)
+
+
+@contextlib.contextmanager
+def int8_token_rows(rows):
+    """Within the block, 8-bit projections whose input rows have the shape of ``rows`` (bool ``[B, T]``: the real
+    tokens) take LLM.int8's outlier columns over those rows only. bitsandbytes takes them over every row of its
+    call, padding included; trl_jax pads to other lengths than transformers (and its padding rows hold other
+    values), so leaving padding out is what keeps a real token's output independent of the batch's padding and
+    equal to bitsandbytes' on the same tokens unpadded (a packed, padding-free batch)."""
+    token = _INT8_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _INT8_ROWS.reset(token)
+
+
+def current_int8_rows():
+    return _INT8_ROWS.get()
+
+
+def _int8_forward(x, kernel_int8, kernel_scb, bias, rows, n_in, threshold):
     in_ax = tuple(range(x.ndim - n_in, x.ndim))
     k_ax = tuple(range(n_in))
     x16 = x.astype(jnp.float16)
     if threshold > 0:
         outlier = jnp.abs(x16) >= jnp.float16(threshold)
-        cols = jnp.any(outlier, axis=tuple(range(x.ndim - n_in)))  # [*in]: columns with an outlier in any row
+        counted = outlier if rows is None else outlier & rows.reshape(rows.shape + (1,) * n_in)
+        cols = jnp.any(counted, axis=tuple(range(x.ndim - n_in)))  # [*in]: columns with an outlier in any row
         a = jnp.where(outlier, jnp.float16(0), x16)
     else:
         cols, a = None, x16
     row = jnp.max(jnp.abs(a), axis=in_ax, keepdims=True).astype(jnp.float32)
-    ca = jnp.round(a.astype(jnp.float32) * (jnp.float32(127.0) / row))
+    ca = jnp.round(a.astype(jnp.float32) * _rdiv127(row))
     ca = jnp.where(row == 0, 0.0, ca)
     if cols is not None:
         ca = jnp.where(cols, 0.0, ca)
@@ -147,34 +177,37 @@ def _int8_forward(x, kernel_int8, kernel_scb, bias, n_in, threshold):
     return y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _int8_matmul(x, kernel_int8, kernel_scb, bias, n_in, threshold):
-    return _int8_forward(x, kernel_int8, kernel_scb, bias, n_in, threshold)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _int8_matmul(x, kernel_int8, kernel_scb, bias, rows, n_in, threshold):
+    return _int8_forward(x, kernel_int8, kernel_scb, bias, rows, n_in, threshold)
 
 
-def _int8_fwd(x, kernel_int8, kernel_scb, bias, n_in, threshold):
-    return _int8_forward(x, kernel_int8, kernel_scb, bias, n_in, threshold), (x, kernel_int8, kernel_scb, bias)
+def _int8_fwd(x, kernel_int8, kernel_scb, bias, rows, n_in, threshold):
+    return (_int8_forward(x, kernel_int8, kernel_scb, bias, rows, n_in, threshold),
+            (x, kernel_int8, kernel_scb, bias, rows))
 
 
 def _int8_bwd(n_in, threshold, res, g):
-    x, kernel_int8, kernel_scb, bias = res
+    x, kernel_int8, kernel_scb, bias, rows = res
     w = _int8_backward_kernel(kernel_int8, kernel_scb, x.dtype)
     out_nd = kernel_scb.ndim
     g_ax = tuple(range(g.ndim - out_nd, g.ndim))
     dx = jax.lax.dot_general(g.astype(x.dtype), w, ((g_ax, tuple(range(n_in, n_in + out_nd))), ((), ())))
     db = None if bias is None else jnp.sum(g, axis=tuple(range(g.ndim - out_nd))).astype(bias.dtype)
     return (dx.astype(x.dtype), np.zeros(kernel_int8.shape, jax.dtypes.float0),
-            jnp.zeros_like(kernel_scb), db)
+            jnp.zeros_like(kernel_scb), db, None if rows is None else np.zeros(rows.shape, jax.dtypes.float0))
 
 
 _int8_matmul.defvjp(_int8_fwd, _int8_bwd)
 
 
-def int8_matmul(x, kernel_int8, kernel_scb, bias=None, *, n_in: int = 1, threshold: float = LLM_INT8_THRESHOLD):
+def int8_matmul(x, kernel_int8, kernel_scb, bias=None, *, n_in: int = 1, threshold: float = LLM_INT8_THRESHOLD,
+                rows=None):
     """``x [..., *in] @ W (+ bias) -> [..., *out]`` in ``x``'s dtype, bitsandbytes' ``MatMul8bitLt`` on
-    :func:`quantize_int8_kernel`'s arrays (see the module docstring); ``threshold <= 0``: no outlier columns.
-    The gradient reaches ``x`` (through ``CB * SCB / 127``) and ``bias``; the stored weight gets none."""
-    return _int8_matmul(x, kernel_int8, kernel_scb, bias, int(n_in), float(threshold))
+    :func:`quantize_int8_kernel`'s arrays (see the module docstring); ``threshold <= 0``: no outlier columns;
+    ``rows`` (bool ``x.shape[:-n_in]``): the rows whose outliers count (default all). The gradient reaches ``x``
+    (through ``CB * SCB / 127``) and ``bias``; the stored weight gets none."""
+    return _int8_matmul(x, kernel_int8, kernel_scb, bias, rows, int(n_in), float(threshold))
 
 
 def quantize_params(params, quant_type: str = "nf4", blocksize: int = BLOCKSIZE, in_axes=None):
@@ -242,5 +275,5 @@ def dequantize_model_params(model, params, dtype=jnp.float32):
 
 
 __all__ = ["BLOCKSIZE", "INT8", "LLM_INT8_THRESHOLD", "QUANT_TYPES", "code_values", "dequantize_int8_kernel",
-           "dequantize_kernel", "dequantize_model_params", "int8_matmul", "quantize_int8_kernel", "quantize_kernel",
+           "dequantize_kernel", "dequantize_model_params", "int8_matmul", "int8_token_rows", "quantize_int8_kernel", "quantize_kernel",
            "quantize_params"]
