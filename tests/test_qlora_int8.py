@@ -275,7 +275,8 @@ def test_8bit_refusals_name_the_fix():
         return m
 
     assert quant({"load_in_8bit": True})._quantization_type() == "int8"
-    assert quant(transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=3.0))._llm_int8_threshold() == 3.0
+    bnb_cfg = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=3.0)
+    assert quant(bnb_cfg)._quantization_type() == "int8" and quant(bnb_cfg)._llm_int8_threshold() == 3.0
     assert quant({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})._quantization_type() == "nf4"
     with pytest.raises(ValueError, match="load_in_8bit and load_in_4bit are both set: choose one"):
         quant({"load_in_8bit": True, "load_in_4bit": True})._quantization_type()

@@ -20,7 +20,8 @@ shard like the kernel (the first input axis's logical name on the ``IN`` axis, t
 
 and :func:`int8_matmul` is bitsandbytes' forward: activations rounded to fp16, feature columns holding any
 ``|x| >= threshold`` (over every row of the call; in the model, over its real tokens: padding rows are left out,
-see :func:`int8_token_rows`) taken out and multiplied in the input dtype against the dequantized weight, the rest quantized row-wise to int8 (absmax per token), an int32 product, then
+see :func:`int8_token_rows`) taken out and multiplied in the input dtype against the dequantized weight, the rest
+quantized row-wise to int8 (absmax per token), an int32 product, then
 ``acc * (row_absmax * SCB) * 6.200124e-05`` (bitsandbytes' constant) plus the bias. Its gradient is
 bitsandbytes' straight-through one: ``dy @ dequant(W)`` for the input, the bias gets ``sum dy``, the weight none.
 """
@@ -275,5 +276,5 @@ def dequantize_model_params(model, params, dtype=jnp.float32):
 
 
 __all__ = ["BLOCKSIZE", "INT8", "LLM_INT8_THRESHOLD", "QUANT_TYPES", "code_values", "dequantize_int8_kernel",
-           "dequantize_kernel", "dequantize_model_params", "int8_matmul", "int8_token_rows", "quantize_int8_kernel", "quantize_kernel",
-           "quantize_params"]
+           "dequantize_kernel", "dequantize_model_params", "int8_matmul", "int8_token_rows", "quantize_int8_kernel",
+           "quantize_kernel", "quantize_params"]
