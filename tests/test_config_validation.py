@@ -219,13 +219,21 @@ def test_not_supported_fields_are_errors_when_set(cls):
 
 def test_lora_fields_need_use_peft_and_quantization_needs_lora_from_the_cli_config():
     """`--lora_r 8` without `--use_peft true` would train the full model: refused, naming the fix; 4-bit loading
-    needs LoRA, 8-bit and nested quantization are refused; `use_peft` + `lora_*` become TRL's LoRA config."""
+    needs LoRA, so does 8-bit, both at once and nested quantization are refused; `use_peft` + `lora_*` become
+    TRL's LoRA config."""
     from trl_jax.models.lora import get_peft_config
 
     with pytest.raises(ValueError, match="load_in_4bit.*use_peft: true"):
         C.load_config({"load_in_4bit": "true"}, C.SFTConfig)
-    with pytest.raises(ValueError, match="`load_in_8bit`=True.*LLM.int8"):
-        C.load_config({"use_peft": "true", "load_in_8bit": "true"}, C.SFTConfig)
+    with pytest.raises(ValueError, match="load_in_8bit.*use_peft: true"):
+        C.load_config({"load_in_8bit": "true"}, C.SFTConfig)
+    with pytest.raises(ValueError, match="load_in_8bit.*load_in_4bit.*both"):
+        C.load_config({"use_peft": "true", "load_in_8bit": "true", "load_in_4bit": "true"}, C.SFTConfig)
+    run8 = C.load_config({"use_peft": "true", "load_in_8bit": "true"}, C.SFTConfig)
+    assert run8.model_args.load_in_8bit
+    from trl_jax.models.lora import apply_model_args
+    apply_model_args(run8.args, run8.model_args)
+    assert run8.args.model_init_kwargs["quantization_config"] == {"load_in_8bit": True}
     with pytest.raises(ValueError, match="`use_bnb_nested_quant`=True"):
         C.load_config({"use_peft": "true", "load_in_4bit": "true", "use_bnb_nested_quant": "true"}, C.SFTConfig)
     assert C.load_config({"use_peft": "true", "load_in_4bit": "true"}, C.SFTConfig).model_args.load_in_4bit

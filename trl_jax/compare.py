@@ -296,7 +296,7 @@ def _jax_trainer(spec: dict, run, dataset, timer):
     from trl_jax.models.lora import apply_model_args
 
     command, model = spec["command"], run.model_args.model_name_or_path
-    peft_config = apply_model_args(run.args, run.model_args)  # use_peft / lora_* / load_in_4bit, as the CLI
+    peft_config = apply_model_args(run.args, run.model_args)  # use_peft / lora_* / load_in_4bit / 8bit, as the CLI
     if peft_config is not None:  # dropout off on both sides (TRL's side switches every nn.Dropout off)
         import dataclasses
 
@@ -504,9 +504,20 @@ def run_compare(command: str, config: str | None, overrides: dict | None = None,
             "threads": threads}
     if run.model_args.use_peft:
         base["peft_init"] = os.path.join(out_dir, "initial-adapter")
-        notes.append("LoRA" + (" on a 4-bit base" if run.model_args.load_in_4bit else "") + ": both sides start from "
-                     "the same initial adapters (trl_jax's, written in PEFT's format and loaded by PEFT); the base "
-                     "model is frozen on both")
+        quant = (" on a 4-bit base" if run.model_args.load_in_4bit else
+                 " on an 8-bit (LLM.int8) base" if run.model_args.load_in_8bit else "")
+        notes.append("LoRA" + quant + ": both sides start from the same initial adapters (trl_jax's, written in "
+                     "PEFT's format and loaded by PEFT); the base model is frozen on both")
+        if run.model_args.load_in_4bit or run.model_args.load_in_8bit:
+            notes.append("quantized base: TRL casts the adapters of a quantized model to bf16 (its QLoRA recipe), "
+                         "trl_jax keeps them in param_dtype: TRL's grad_norm comes out at bf16 resolution and the "
+                         "curves drift apart by about that much")
+        if run.model_args.load_in_8bit:
+            notes.append("8-bit: bitsandbytes' CPU training path (MatMul8bitFp: dequantize, no activation "
+                         "quantization) is replaced by its LLM.int8 path (MatMul8bitLt, as on CUDA), which trl_jax "
+                         "computes; LLM.int8 takes outlier columns over every row bitsandbytes is given (padding "
+                         "included) and trl_jax over the real tokens, so padded batches can differ slightly "
+                         "(padding_free: true compares the same rows)")
     if command in ONLINE:
         base["rollouts"] = os.path.join(out_dir, "trl_jax_rollouts.json")
         hook, what = _HOOK[command]

@@ -97,8 +97,6 @@ TORCH_ONLY_FIELDS: frozenset[str] = frozenset(
     }
 )
 
-_QUANT8 = ("8-bit (LLM.int8) loading is not implemented: use `load_in_4bit: true` (QLoRA: NF4/FP4 base weights) "
-           "or leave it unset")
 _NESTED = ("nested (double) quantization of the 4-bit scales is not implemented: leave it off (the scales stay "
            "fp32, 0.5 bit per weight)")
 _STORAGE = "the 4-bit codes are stored as uint8 (two per byte); leave bnb_4bit_quant_storage unset"
@@ -110,7 +108,6 @@ _METRICS = "compute_metrics is not supported: evaluation reports the loss and th
 # Fields that would change the experiment but are not implemented yet: an error at construction when set to a
 # non-default value (so that a user who asked for LoRA does not silently get a full fine-tune), with what to do.
 NOT_SUPPORTED_FIELDS: dict[str, str] = {
-    "load_in_8bit": _QUANT8,
     "use_bnb_nested_quant": _NESTED,
     "bnb_4bit_quant_storage": _STORAGE,
     **{name: _HUB for name in ("push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
@@ -1233,7 +1230,8 @@ class DistillationConfig(BaseConfig):
 @dataclass
 class ModelConfig(_ConfigMixin):
     """Field names and defaults of `trl.ModelConfig`. `use_peft` + `lora_*` give the trainers a LoRA config
-    (:func:`trl_jax.models.lora.get_peft_config`, as TRL's); quantized loading is refused when set (`NOT_SUPPORTED_FIELDS`);
+    (:func:`trl_jax.models.lora.get_peft_config`, as TRL's); `load_in_4bit` (NF4/FP4) or `load_in_8bit` (LLM.int8)
+    hold the frozen base quantized under LoRA (nested 4-bit quantization is refused, `NOT_SUPPORTED_FIELDS`);
     `attn_implementation` picks the attention kernel (auto / xla / cudnn / splash; transformers' names map) and is
     passed on to the trainer config by the CLI."""
 
@@ -1267,9 +1265,15 @@ class ModelConfig(_ConfigMixin):
             if lora_set:
                 raise ValueError(f"{', '.join(lora_set)} set without `use_peft: true`: they would be ignored and the "
                                  "whole model trained; set `use_peft: true` (LoRA) or remove them.")
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("`load_in_8bit` and `load_in_4bit` are both set: choose one (TRL refuses 8-bit and "
+                             "4-bit precision at the same time).")
         if self.load_in_4bit and not self.use_peft:
             raise ValueError("`load_in_4bit: true` (QLoRA) trains LoRA adapters on a frozen 4-bit base: set "
                              "`use_peft: true` too; a 4-bit model cannot be trained in full.")
+        if self.load_in_8bit and not self.use_peft:
+            raise ValueError("`load_in_8bit: true` (LLM.int8) trains LoRA adapters on a frozen 8-bit base: set "
+                             "`use_peft: true` too; an 8-bit model cannot be trained in full.")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
             raise ValueError(f"bnb_4bit_quant_type {self.bnb_4bit_quant_type!r}: choose nf4 or fp4.")
         if isinstance(self.lora_target_modules, list) and len(self.lora_target_modules) == 1:

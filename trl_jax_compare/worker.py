@@ -63,7 +63,8 @@ def reward_funcs(run) -> list:
 
 
 def peft_model(spec: dict, run, model_dir: str, dtype):
-    """With ``use_peft``: the base model (4-bit through bitsandbytes with ``load_in_4bit``) with trl_jax's initial
+    """With ``use_peft``: the base model (4-bit / 8-bit through bitsandbytes with ``load_in_4bit`` /
+    ``load_in_8bit``) with trl_jax's initial
     adapters, trainable (``peft.PeftModel.from_pretrained``), so both sides start from the same adapters; else the
     model directory."""
     if not spec.get("peft_init"):
@@ -77,6 +78,9 @@ def peft_model(spec: dict, run, model_dir: str, dtype):
                     quantization_config=transformers.BitsAndBytesConfig(
                         load_in_4bit=True, bnb_4bit_quant_type=run.model_args.bnb_4bit_quant_type,
                         bnb_4bit_compute_dtype=load["dtype"]))
+    elif getattr(run.model_args, "load_in_8bit", False):
+        load.update(device_map="cpu" if not torch.cuda.is_available() else None,
+                    quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))
     auto = transformers.AutoModelForCausalLM
     base = auto.from_pretrained(model_dir, **{k: v for k, v in load.items() if v is not None})
     return peft.PeftModel.from_pretrained(base, spec["peft_init"], is_trainable=True)
@@ -101,6 +105,24 @@ def _callback(timer: StepTimer):
                                                       "on_log": timer.on_log})()
 
 
+@contextlib.contextmanager
+def llm_int8_training(active: bool):
+    """bitsandbytes trains 8-bit layers on CPU through ``MatMul8bitFp`` (dequantize + matmul, no activation
+    quantization); on CUDA it runs LLM.int8 (``MatMul8bitLt``), which is what trl_jax computes. With ``active``
+    (8-bit on CPU) the CPU path takes ``MatMul8bitLt`` too for the block."""
+    if not active:
+        yield
+        return
+    import bitsandbytes.autograd._functions as AF
+
+    saved = AF.MatMul8bitFp
+    AF.MatMul8bitFp = AF.MatMul8bitLt
+    try:
+        yield
+    finally:
+        AF.MatMul8bitFp = saved
+
+
 def run_trl(spec: dict) -> dict:
     """The TRL side of one comparison (see the module docstring); the result dict of :func:`trl_jax.compare`."""
     if spec.get("threads"):
@@ -120,7 +142,9 @@ def run_trl(spec: dict) -> dict:
         warnings.simplefilter("ignore")
         model = peft_model(spec, run, model_dir, dtype)
         trainer = build_trl_trainer(command, model, kw, train_dataset(run), callbacks=[_callback(timer)], **extra)
-    res = _timed_train(trainer, timer)
+    int8_cpu = bool(getattr(run.model_args, "load_in_8bit", False)) and not gpu
+    with llm_int8_training(int8_cpu):
+        res = _timed_train(trainer, timer)
     del trainer
     res.update(device=torch.cuda.get_device_name() if gpu else "cpu (torch, %d threads)" % torch.get_num_threads(),
                memory_kind="torch.cuda.max_memory_allocated" if gpu else "peak host RSS")
@@ -134,7 +158,7 @@ def run_trl(spec: dict) -> dict:
             warnings.simplefilter("ignore")
             trainer = build(record, peft_model(spec, run, model_dir, dtype), kw_replay, extra["reward_funcs"],
                             callbacks=[_callback(StepTimer())])
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), llm_int8_training(int8_cpu):
             trainer.train()
         # the throughput run's logs and timings (TRL's own sampling); the replay's logs are the ones compared
         res["own_sampling"] = {k: res.pop(k) for k in ("logs", "t_call", "t_begin", "times")}

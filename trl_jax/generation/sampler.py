@@ -217,7 +217,7 @@ def prepare_decode_params(model, params, *, mesh: Mesh | None = None, layout: st
         def cast(p):
             if dt is None:
                 return p
-            return cast_floating(p, dt)  # 4-bit scales (kernel_absmax) stay fp32
+            return cast_floating(p, dt)  # quantization scales (kernel_absmax, kernel_scb) stay fp32
 
         shardings = None if mesh is None else decode_param_shardings(model, params, mesh, resolved)
         fn = jax.jit(cast, out_shardings=shardings)

@@ -134,7 +134,9 @@ class ModelConfig:
     attention_impl: str = "auto"
     moe_impl: str = "auto"  # expert dispatch: "dense", "ragged" (grouped matmuls), "auto" (trl_jax.models.moe)
     lora: Any = None  # trl_jax.models.lora.LoraSpec: LoRA adapters on the projections it targets
-    quantization: str | None = None  # "nf4" / "fp4": projection kernels held in 4 bits (QLoRA's frozen base)
+    quantization: str | None = None  # "nf4" / "fp4": projection kernels held in 4 bits (QLoRA's frozen base);
+    # "int8": held in 8 bits, bitsandbytes' LLM.int8 matmul with outlier columns above llm_int8_threshold
+    llm_int8_threshold: float = 6.0
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:

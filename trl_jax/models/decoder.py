@@ -48,6 +48,7 @@ from trl_jax.models.attention import attend, build_mask, static_window, window_m
 from trl_jax.models.config import NO_WINDOW, ModelConfig
 from trl_jax.models.lora import LoraDenseGeneral, SharedLoraA
 from trl_jax.models.moe import ragged_experts, resolve_moe_impl, router_weights, sharded_ragged_experts, top_k_routing
+from trl_jax.models.quant import int8_token_rows
 from trl_jax.models.rope import apply_rope, layer_cos_sin, rope_cos_sin
 from trl_jax.parallel.rules import active_mesh, active_spec, constrain
 
@@ -133,6 +134,7 @@ def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, laye
         lora_init=cfg.lora is not None and cfg.lora.adapts(name, layer),
         kernel_axes=tuple(axes),
         quant=cfg.quantization if name in _QUANTIZED else None,
+        int8_threshold=cfg.llm_int8_threshold,
     )
 
 
@@ -376,6 +378,13 @@ class Decoder(nn.Module):
         windows = jnp.asarray(c.window_array(), jnp.int32) if c.has_sliding_window else None
         # queries are the keys' own tokens at slots 0..T-1 only without a cache (the model's forward passes)
         seg = q_segment_ids if cache is None and q_segment_ids is kv_segment_ids else None
+        # LLM.int8 (8-bit base): outlier columns over the real tokens only (trl_jax.models.quant.int8_token_rows)
+        with int8_token_rows(q_segment_ids != 0 if c.quantization == "int8" else None):
+            x, new_cache = self._layers(x, cos, sin, base_mask, seg, q_slots, kv_slots, cache_index, windows, cache)
+        return self.norm(x), new_cache
+
+    def _layers(self, x, cos, sin, base_mask, seg, q_slots, kv_slots, cache_index, windows, cache):
+        c = self.cfg
         if c.scan_layers:
             x, new_cache = self.layers(x, cos, sin, base_mask, seg, q_slots, kv_slots, cache_index, windows, cache)
         else:
@@ -388,7 +397,7 @@ class Decoder(nn.Module):
                     ks.append(nkv[0])
                     vs.append(nkv[1])
             new_cache = (jnp.stack(ks), jnp.stack(vs)) if cache is not None else None
-        return self.norm(x), new_cache
+        return x, new_cache
 
     def init_all(self, input_ids, positions, seg, slots):
         """Touch every parameter (used by ``init``)."""

@@ -317,11 +317,17 @@ def get_peft_config(model_args) -> LoraConfig | None:
 
 
 def apply_model_args(args, model_args):
-    """TRL's scripts: ``peft_config`` from ``use_peft`` + ``lora_*`` (``None`` without), and ``load_in_4bit`` as
-    ``model_init_kwargs["quantization_config"]`` on the trainer config ``args`` (as ``get_quantization_config``)."""
+    """TRL's scripts: ``peft_config`` from ``use_peft`` + ``lora_*`` (``None`` without), and ``load_in_4bit`` /
+    ``load_in_8bit`` as ``model_init_kwargs["quantization_config"]`` on the trainer config ``args`` (as
+    ``get_quantization_config``)."""
+    qc = None
     if model_args.load_in_4bit:
+        qc = {"load_in_4bit": True, "bnb_4bit_quant_type": model_args.bnb_4bit_quant_type}
+    elif getattr(model_args, "load_in_8bit", False):
+        qc = {"load_in_8bit": True}  # BitsAndBytesConfig's llm_int8_threshold default (6.0)
+    if qc is not None:
         kwargs = dict(args.model_init_kwargs) if isinstance(args.model_init_kwargs, dict) else {}
-        kwargs["quantization_config"] = {"load_in_4bit": True, "bnb_4bit_quant_type": model_args.bnb_4bit_quant_type}
+        kwargs["quantization_config"] = qc
         args.model_init_kwargs = kwargs
     return get_peft_config(model_args)
 
@@ -386,7 +392,28 @@ class LoraDenseGeneral(nn.DenseGeneral):
     lora: Any = None
     lora_init: bool = False
     kernel_axes: tuple = ()
-    quant: str | None = None  # "nf4" / "fp4": the frozen kernel is held in 4 bits (trl_jax.models.quant)
+    quant: str | None = None  # "nf4" / "fp4": the frozen kernel in 4 bits; "int8": LLM.int8 (trl_jax.models.quant)
+    int8_threshold: float = 6.0  # LLM.int8's outlier threshold (bitsandbytes' llm_int8_threshold)
+
+    def _int8_base(self, inputs, axis, in_shape, features):
+        """``(y, kernel)`` from the 8-bit ``kernel_int8`` / ``kernel_scb``: bitsandbytes' LLM.int8 matmul in the
+        compute dtype (``int8_matmul``), and the dequantized kernel (``CB * SCB / 127``, for DoRA)."""
+        from trl_jax.models.quant import current_int8_rows, dequantize_int8_kernel, int8_matmul
+
+        n_in = len(axis)
+        if axis != tuple(range(inputs.ndim - n_in, inputs.ndim)):
+            raise ValueError("8-bit projections contract the trailing input axes")
+        zeros = lambda dt: lambda k, s, d=None: jnp.zeros(s, dt)  # noqa: E731 - loaded, never initialised
+        q = self.param("kernel_int8", nn.with_logical_partitioning(zeros(jnp.int8), self.kernel_axes),
+                       in_shape + features)
+        scb = self.param("kernel_scb", nn.with_logical_partitioning(zeros(jnp.float32), self.kernel_axes[n_in:]),
+                         features)
+        dtype = self.dtype or inputs.dtype
+        bias = self.param("bias", self.bias_init, features, self.param_dtype) if self.use_bias else None
+        rows = current_int8_rows()
+        rows = rows if rows is not None and rows.shape == inputs.shape[:inputs.ndim - n_in] else None
+        y = int8_matmul(inputs.astype(dtype), q, scb, bias, n_in=n_in, threshold=self.int8_threshold, rows=rows)
+        return y, dequantize_int8_kernel(q, scb, dtype)
 
     def _quantized_base(self, inputs, axis, in_shape, features):
         """``(y, kernel)`` from the 4-bit ``kernel_q`` / ``kernel_absmax`` (dequantized in fp32, cast to the
@@ -417,7 +444,9 @@ class LoraDenseGeneral(nn.DenseGeneral):
         n_in = len(axis)
         features = self.features if isinstance(self.features, tuple) else (self.features,)
         in_shape = tuple(inputs.shape[a] for a in axis)
-        if self.has_variable("params", "kernel_q") or (self.is_initializing() and self.quant):
+        if self.has_variable("params", "kernel_int8") or (self.is_initializing() and self.quant == "int8"):
+            y, kernel = self._int8_base(inputs, axis, in_shape, features)
+        elif self.has_variable("params", "kernel_q") or (self.is_initializing() and self.quant):
             y, kernel = self._quantized_base(inputs, axis, in_shape, features)
         else:
             y, kernel = super().__call__(inputs), None

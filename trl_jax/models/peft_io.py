@@ -141,13 +141,17 @@ def add_adapters(model: CausalLM, params, spec: LoraSpec, *, rng=None, mesh=None
     return untie_saved_embedding(lmodel, combine(params, new), mesh=mesh, rules=rules)
 
 
-def quantize_model(model: CausalLM, params, quant_type: str = "nf4", *, mesh=None, rules=None):
+def quantize_model(model: CausalLM, params, quant_type: str = "nf4", *, mesh=None, rules=None,
+                   llm_int8_threshold: float = 6.0):
     """``(4-bit model, params)``: every projection kernel stored as bitsandbytes' blockwise 4-bit codes
     (``kernel_q``, ``kernel_absmax``; trl_jax.models.quant), one leaf at a time, placed on the shardings the
-    quantized model's logical axes give on ``mesh``. Embeddings, norms and heads stay as they are."""
+    quantized model's logical axes give on ``mesh``. Embeddings, norms and heads stay as they are.
+    ``quant_type="int8"``: LLM.int8 instead (``kernel_int8``, ``kernel_scb``; outlier columns at
+    ``|x| >= llm_int8_threshold``, none when it is 0)."""
     from trl_jax.models.quant import quantize_params
 
-    qmodel = CausalLM(model.config.replace(quantization=quant_type), hf_config=model.hf_config,
+    extra = {"llm_int8_threshold": float(llm_int8_threshold)} if quant_type == "int8" else {}
+    qmodel = CausalLM(model.config.replace(quantization=quant_type, **extra), hf_config=model.hf_config,
                       value_head=model.value_head)
     params = quantize_params(jax.tree.map(lambda x: x, params), quant_type)
     return qmodel, jax.device_put(params, _shardings(qmodel, mesh, rules))
@@ -179,8 +183,12 @@ def _kernel_of(model: CausalLM, params, module: tuple, in_shape: tuple):
     node = _get_path(params, module)
     if "kernel" in node:
         return node["kernel"]
-    from trl_jax.models.quant import dequantize_kernel
+    from trl_jax.models.quant import dequantize_int8_kernel, dequantize_kernel
 
+    if "kernel_int8" in node:
+        g = dequantize_int8_kernel
+        return jax.vmap(g)(node["kernel_int8"], node["kernel_scb"]) if module[0] == "layers" else g(
+            node["kernel_int8"], node["kernel_scb"])
     f = lambda q, a: dequantize_kernel(q, a, in_shape, model.config.quantization)  # noqa: E731
     return jax.vmap(f)(node["kernel_q"], node["kernel_absmax"]) if module[0] == "layers" else f(
         node["kernel_q"], node["kernel_absmax"])

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import optax
 
 
-KEEP_FP32 = ("kernel_absmax",)  # 4-bit quantization scales stay fp32 (as bitsandbytes keeps them)
+KEEP_FP32 = ("kernel_absmax", "kernel_scb")  # 4-/8-bit quantization scales stay fp32 (as bitsandbytes keeps them)
 
 
 def cast_floating(tree, dtype):
-    """Cast every floating-point leaf of ``tree`` to ``dtype`` (ints, bools, keys and the 4-bit scales
-    ``kernel_absmax`` untouched)."""
+    """Cast every floating-point leaf of ``tree`` to ``dtype`` (ints, bools, keys and the quantization scales
+    ``kernel_absmax`` / ``kernel_scb`` untouched)."""
 
     def one(path, x):
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):

@@ -30,7 +30,8 @@ def _cast_frozen_inplace(params, trainable: frozenset, dtype) -> None:
             names = prefix + (str(k),)
             if isinstance(v, dict):
                 walk(v, names)
-            elif names not in trainable and jnp.issubdtype(v.dtype, jnp.floating) and v.dtype != dtype:
+            elif (names not in trainable and jnp.issubdtype(v.dtype, jnp.floating) and v.dtype != dtype
+                  and names[-1] != "kernel_scb"):  # LLM.int8's scales stay fp32, as bitsandbytes' SCB
                 node[k] = v.astype(dtype)
                 del v
 
@@ -53,7 +54,12 @@ class PeftMixin:
 
         adapter_dir = getattr(self, "_adapter_dir", None)
         if peft_config is None and adapter_dir is None:
-            if self._quantization_type() is not None:
+            quant = self._quantization_type()
+            if quant == "int8":
+                raise ValueError("load_in_8bit (LLM.int8) trains LoRA adapters on a frozen 8-bit base: pass a "
+                                 "peft_config (YAML: `use_peft: true` and the lora_* keys); an 8-bit model cannot "
+                                 "be trained in full.")
+            if quant is not None:
                 raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters on a frozen 4-bit base: pass a "
                                  "peft_config (YAML: `use_peft: true` and the lora_* keys); a 4-bit model cannot "
                                  "be trained in full.")
@@ -63,10 +69,11 @@ class PeftMixin:
                              "(the directory continues its own adapters).")
         compute = self._compute_dtype_for_base()
         quant = self._quantization_type()
-        if quant is not None:  # QLoRA: the frozen base in 4 bits, the adapters trained on top
+        if quant is not None:  # QLoRA: the frozen base in 4 (or 8) bits, the adapters trained on top
             from trl_jax.models.peft_io import quantize_model
 
-            model, params = quantize_model(model, params, quant, mesh=self.mesh)
+            model, params = quantize_model(model, params, quant, mesh=self.mesh,
+                                           llm_int8_threshold=self._llm_int8_threshold())
         if adapter_dir is not None:
             model, params = load_adapter(adapter_dir, model, params, mesh=self.mesh)
             tok = any(f.startswith("tokenizer") for f in os.listdir(adapter_dir))
@@ -85,17 +92,44 @@ class PeftMixin:
                     f"{self.num_parameters:,}", 100 * self.num_trainable_parameters / max(self.num_parameters, 1))
         return model, params, model_path
 
-    def _quantization_type(self) -> str | None:
-        """``"nf4"`` / ``"fp4"`` from ``model_init_kwargs["quantization_config"]`` (a ``BitsAndBytesConfig`` or its
-        dict, as TRL passes it), ``None`` without one. 8-bit and nested quantization are refused."""
+    def _quantization_get(self):
+        """A getter on ``model_init_kwargs["quantization_config"]`` (a ``BitsAndBytesConfig`` or its dict), or
+        ``None`` without one."""
         kwargs = getattr(self.args, "model_init_kwargs", None) or {}
         qc = kwargs.get("quantization_config") if isinstance(kwargs, dict) else None
         if qc is None:
             return None
-        get = (lambda k, d=None: qc.get(k, d)) if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
+        return (lambda k, d=None: qc.get(k, d)) if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
+
+    def _llm_int8_threshold(self) -> float:
+        get = self._quantization_get()
+        t = get("llm_int8_threshold", 6.0) if get is not None else 6.0
+        return 6.0 if t is None else float(t)
+
+    def _quantization_type(self) -> str | None:
+        """``"nf4"`` / ``"fp4"`` (``load_in_4bit``) or ``"int8"`` (``load_in_8bit``, LLM.int8) from
+        ``model_init_kwargs["quantization_config"]`` (a ``BitsAndBytesConfig`` or its dict, as TRL passes it),
+        ``None`` without one. Nested 4-bit quantization and 8-bit options trl_jax does not implement are
+        refused."""
+        get = self._quantization_get()
+        if get is None:
+            return None
         if get("load_in_8bit", False):
-            raise ValueError("load_in_8bit (LLM.int8) is not implemented in trl_jax: use load_in_4bit (QLoRA, NF4 "
-                             "or FP4 base weights), or leave quantization off.")
+            if get("load_in_4bit", False):
+                raise ValueError("load_in_8bit and load_in_4bit are both set: choose one (TRL and transformers "
+                                 "refuse both at once).")
+            if get("llm_int8_has_fp16_weight", False):
+                raise ValueError("llm_int8_has_fp16_weight (a trainable fp16 master weight next to the int8 one) "
+                                 "is not implemented: leave it off (the 8-bit base is frozen and LoRA adapters "
+                                 "train), or train without quantization.")
+            skip = get("llm_int8_skip_modules", None) or []
+            other = [m for m in ([skip] if isinstance(skip, str) else skip) if m not in ("lm_head", "score")]
+            if other:
+                raise ValueError(f"llm_int8_skip_modules={skip!r}: trl_jax quantizes every attention/MLP projection "
+                                 "and never the head; leave it unset (or name only lm_head / score).")
+            if self._llm_int8_threshold() < 0:
+                raise ValueError("llm_int8_threshold must be >= 0 (0: no outlier columns; default 6.0).")
+            return "int8"
         if not get("load_in_4bit", False):
             return None
         if get("bnb_4bit_use_double_quant", False):
