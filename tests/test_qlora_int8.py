@@ -287,3 +287,41 @@ def test_8bit_refusals_name_the_fix():
     quant({"load_in_8bit": True, "llm_int8_skip_modules": ["lm_head"]})._quantization_type()
     with pytest.raises(ValueError, match="load_in_8bit.*pass a peft_config"):
         quant({"load_in_8bit": True})._setup_peft(None, None, "model", None)
+
+
+def test_8bit_mixture_of_experts_keeps_experts_unquantized_as_bitsandbytes(tmp_path):
+    """Qwen3-MoE with ``load_in_8bit`` + LoRA on the attention projections: transformers stores the experts (and
+    the router) as parameters, not ``nn.Linear``, so bitsandbytes quantizes only the attention projections; trl_jax
+    does the same (its expert kernels stay in the compute dtype) and gives the same logits. ``all-linear`` (which
+    PEFT extends to the experts and router through ``target_parameters``) and MLP names are refused."""
+    tm = make_torch_model("qwen3_moe", **DIMS)
+    base = save_torch_model(tm, tmp_path / "base")
+    tq = transformers.AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu",
+        dtype=torch.float32, attn_implementation="eager")
+    torch.manual_seed(0)
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    pm = peft.get_peft_model(tq, peft.LoraConfig(r=4, lora_alpha=8, target_modules=attention,
+                                                 init_lora_weights=False)).eval()
+    assert isinstance(tq.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear8bitLt)
+    assert not any(isinstance(m, bnb.nn.Linear8bitLt) for m in tq.model.layers[0].mlp.modules())
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ids, mask, pos = padded_batch()
+    pids, ppos = _packed(ids, mask)
+    with torch.no_grad():
+        want = pm(input_ids=torch.as_tensor(pids, dtype=torch.long), position_ids=torch.as_tensor(ppos),
+                  use_cache=False).logits[0].numpy()
+    model, params = from_pretrained(base)
+    qmodel, qparams = quantize_model(model, params, "int8")
+    mlp = qparams["layers"]["mlp"]
+    assert set(mlp["gate_proj"]) == {"kernel"} and "kernel_int8" in qparams["layers"]["self_attn"]["q_proj"]
+    lmodel, lparams = load_adapter(tmp_path / "adapter", qmodel, qparams)
+    assert set(lparams["layers"]["mlp"]["up_proj"]) == {"kernel"}  # no adapters on the experts
+    got = np.asarray(lmodel.logits(lparams, jnp.asarray(ids), jnp.asarray(pos), attention_mask=jnp.asarray(mask)))
+    err = np.abs(got[mask.astype(bool)] - want).max(-1)
+    assert np.sum(err > 1e-5) <= 3 and err.max() < 2e-2, err
+    from trl_jax.models.lora import resolve_lora
+
+    for target, match in (("all-linear", "target_parameters"), (["gate_proj"], "matches no linear layer")):
+        with pytest.raises(ValueError, match=match):
+            resolve_lora({"r": 4, "target_modules": target}, model.config)

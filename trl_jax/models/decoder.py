@@ -118,9 +118,11 @@ def _embed_scale(cfg: ModelConfig, x):
     return x * jnp.asarray(cfg.embedding_multiplier, x.dtype)
 
 
-def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, layer=None):
+def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, layer=None, expert=False):
     """A projection (``nn.DenseGeneral`` numerics) that carries LoRA adapters when ``cfg.lora`` targets ``name`` in
-    ``layer`` (``None``: scanned layers) and applies them whenever its params hold them (trl_jax.models.lora)."""
+    ``layer`` (``None``: scanned layers) and applies them whenever its params hold them (trl_jax.models.lora).
+    ``expert``: a mixture-of-experts kernel, never quantized (bitsandbytes wraps linear layers only, and
+    transformers stores experts as 3-D parameters)."""
     return LoraDenseGeneral(
         features=features,
         axis=axis,
@@ -133,7 +135,7 @@ def _dense(features, axes, *, use_bias, cfg, name, axis=-1, bias_axes=None, laye
         lora=cfg.lora,
         lora_init=cfg.lora is not None and cfg.lora.adapts(name, layer),
         kernel_axes=tuple(axes),
-        quant=cfg.quantization if name in _QUANTIZED else None,
+        quant=cfg.quantization if name in _QUANTIZED and not expert else None,
         int8_threshold=cfg.llm_int8_threshold,
     )
 
@@ -230,9 +232,9 @@ class SparseMoE(nn.Module):
     layer: int | None = None  # set when layers are unrolled
 
     def _adapted(self) -> bool:
-        """Whether the expert projections carry LoRA adapters or 4-bit kernels (applied by ``_dense`` only)."""
+        """Whether the expert projections carry LoRA adapters (applied by ``_dense`` only)."""
         c = self.cfg
-        if c.quantization or (c.lora is not None and any(c.lora.adapts(n, self.layer) for n in _EXPERT_PROJECTIONS)):
+        if c.lora is not None and any(c.lora.adapts(n, self.layer) for n in _EXPERT_PROJECTIONS):
             return True
         params = self.variables.get("params", {})
         return any(set(params.get(n, {})) - {"kernel"} for n in _EXPERT_PROJECTIONS)
@@ -247,11 +249,13 @@ class SparseMoE(nn.Module):
         if resolve_moe_impl(c.moe_impl, adapted=self._adapted(), mesh=mesh) == "ragged":
             return self._ragged(x, logits, mesh)
         w = router_weights(logits, c.num_experts_per_tok, normalize=c.norm_topk_prob)
-        g = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="gate_proj", layer=li)(x)
-        u = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="up_proj", layer=li)(x)
+        g = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="gate_proj", layer=li,
+                   expert=True)(x)
+        u = _dense((E, F), ("embed", "expert", "mlp"), use_bias=False, cfg=c, name="up_proj", layer=li,
+                   expert=True)(x)
         h = _act(c.hidden_act)(g) * u * w[..., None].astype(g.dtype)  # weighting before down_e is linear in h
         return _dense(D, ("expert", "mlp", "embed"), use_bias=False, cfg=c, name="down_proj",
-                      axis=(-2, -1), bias_axes=("embed",), layer=li)(h)
+                      axis=(-2, -1), bias_axes=("embed",), layer=li, expert=True)(h)
 
     def _ragged(self, x, logits, mesh):
         c = self.cfg

@@ -136,15 +136,18 @@ def layer_projections(fused: bool = False) -> tuple[tuple[str, ...], tuple[str, 
     return (FUSED_ATTENTION_PROJ, FUSED_MLP_PROJ) if fused else (ATTENTION_PROJ, MLP_PROJ)
 
 
-def hf_linear_modules(num_layers: int, *, lm_head: bool, score: bool,
-                      fused: bool = False) -> list[tuple[str, int | None, str]]:
+def hf_linear_modules(num_layers: int, *, lm_head: bool, score: bool, fused: bool = False,
+                      sparse_layer=lambda i: False) -> list[tuple[str, int | None, str]]:
     """``(HF module name, layer, projection name)`` of every linear layer of the decoder, in HF order (``fused``:
-    the checkpoint's fused ``qkv_proj`` / ``gate_up_proj`` in place of their parts)."""
+    the checkpoint's fused ``qkv_proj`` / ``gate_up_proj`` in place of their parts). Layers where
+    ``sparse_layer(i)`` (mixture of experts) have no linear MLP: transformers stores the experts as 3-D parameters
+    and the router as a parameter, which PEFT's LoRA (and bitsandbytes) do not wrap."""
     attn, mlp = layer_projections(fused)
     out = []
     for i in range(num_layers):
         out += [(f"model.layers.{i}.self_attn.{p}", i, p) for p in attn]
-        out += [(f"model.layers.{i}.mlp.{p}", i, p) for p in mlp]
+        if not sparse_layer(i):
+            out += [(f"model.layers.{i}.mlp.{p}", i, p) for p in mlp]
     if lm_head:
         out.append(("lm_head", None, "lm_head"))
     if score:
@@ -237,9 +240,9 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
     has_lm_head = model_cfg.has_lm_head and not model_cfg.tie_word_embeddings and not model_cfg.num_labels
     fused = is_fused_model(model_cfg)
     modules = hf_linear_modules(model_cfg.num_hidden_layers, lm_head=has_lm_head, score=bool(model_cfg.num_labels),
-                                fused=fused)
+                                fused=fused, sparse_layer=model_cfg.is_sparse_layer)
     attn_proj, mlp_proj = layer_projections(fused)
-    layer_names = ", ".join(attn_proj + mlp_proj)
+    layer_names = ", ".join(dict.fromkeys(p for _, i, p in modules if i is not None))  # a MoE layer: attention only
     target = _as_tuple(_get(peft_config, "target_modules"))
     if target is None and fused:
         raise ValueError(f"target_modules must be given for {model_cfg.model_type} (PEFT has no default for it): its "
@@ -262,6 +265,12 @@ def resolve_lora(peft_config, model_cfg) -> LoraSpec:
     layers_to_transform = _get(peft_config, "layers_to_transform")
     layers_pattern = _get(peft_config, "layers_pattern")
     all_linear = isinstance(target, str) and target.lower() == "all-linear"
+    if all_linear and any(model_cfg.is_sparse_layer(i) for i in range(model_cfg.num_hidden_layers)):
+        raise ValueError(
+            f"target_modules='all-linear' on a mixture-of-experts model ({model_cfg.model_type}): PEFT then also adapts "
+            "the experts and the router, which transformers stores as parameters (PEFT's target_parameters), and "
+            "trl_jax's LoRA does not implement that. Name the linear layers instead, e.g. "
+            "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'].")
     chosen: dict[int | None, list[str]] = {}
     for key, layer, proj in modules:
         if all_linear:

@@ -40,15 +40,15 @@ def resolve_moe_impl(impl: str, *, adapted: bool = False, mesh=None) -> str:
 
     ``"auto"``: ``"ragged"`` on GPU/TPU, ``"dense"`` on CPU (no grouped-matmul kernel there, see the module doc).
     ``"ragged"`` falls back to ``"dense"`` (one log line naming why) when the expert projections carry LoRA adapters
-    or 4-bit kernels (``adapted``; their layers apply them as dense projections), or when ``mesh`` (the active
+    (``adapted``; their layers apply them as dense projections), or when ``mesh`` (the active
     activation-sharding mesh) has an ``expert`` axis of size > 1."""
     if impl == "auto":
         impl = "dense" if jax.default_backend() == "cpu" else "ragged"
     if impl != "ragged":
         return "dense"
     if adapted:
-        _log_once("adapted", "moe_impl='ragged': the expert projections carry LoRA adapters or 4-bit kernels; those "
-                             "layers use the dense expert dispatch.")
+        _log_once("adapted", "moe_impl='ragged': the expert projections carry LoRA adapters; those layers use the "
+                             "dense expert dispatch.")
         return "dense"
     if mesh is not None and mesh.shape.get("expert", 1) > 1:
         _log_once("expert", "moe_impl='ragged': the mesh splits experts over an `expert` axis of size %d; routed "

@@ -153,8 +153,22 @@ def quantize_model(model: CausalLM, params, quant_type: str = "nf4", *, mesh=Non
     extra = {"llm_int8_threshold": float(llm_int8_threshold)} if quant_type == "int8" else {}
     qmodel = CausalLM(model.config.replace(quantization=quant_type, **extra), hf_config=model.hf_config,
                       value_head=model.value_head)
-    params = quantize_params(jax.tree.map(lambda x: x, params), quant_type)
+    params = jax.tree.map(lambda x: x, params)
+    experts = _pop_expert_mlps(model.config, params)  # mixture of experts: the experts stay unquantized
+    params = quantize_params(params, quant_type)
+    for layer, mlp in experts.items():
+        params[layer]["mlp"] = mlp
     return qmodel, jax.device_put(params, _shardings(qmodel, mesh, rules))
+
+
+def _pop_expert_mlps(cfg, params) -> dict:
+    """Take the expert MLPs (``{layer key: mlp params}``) out of ``params``: transformers stores experts as 3-D
+    parameters, which bitsandbytes leaves unquantized (it wraps ``nn.Linear`` only)."""
+    if not cfg.num_experts:
+        return {}
+    keys = (["layers"] if cfg.scan_layers else
+            [f"layers_{i}" for i in range(cfg.num_hidden_layers) if cfg.is_sparse_layer(i)])
+    return {k: params[k].pop("mlp") for k in keys if k in params and "mlp" in params[k]}
 
 
 def untie_saved_embedding(model: CausalLM, params, *, mesh=None, rules=None):
