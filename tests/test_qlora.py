@@ -169,3 +169,30 @@ def test_qlora_grpo_trains_adapters_on_a_4bit_base_and_samples_with_it(tmp_path)
     with torch.no_grad():
         want = back(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(tr.model.logits(p, ids)), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quant", [{"load_in_4bit": True}, {"load_in_8bit": True}])
+def test_bf16_frozen_base_keeps_the_quantization_scales_fp32(quant, tmp_path):
+    """Under ``bf16`` the frozen base is held in bf16, except the 4-/8-bit scales (``kernel_absmax``,
+    ``kernel_scb``): fp32, as bitsandbytes keeps them; the codes stay integers, the adapters in ``param_dtype``."""
+    from trl_jax.assets import build_char_tokenizer
+    from trl_jax.configs import SFTConfig
+    from trl_jax.data.loading import load_dataset_any
+    from trl_jax.models.lora import LoraConfig
+    from trl_jax.trainers import SFTTrainer
+
+    tok = build_char_tokenizer()
+    tm = make_torch_model("llama", **DIMS, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)
+    save_torch_model(tm, tmp_path / "model")
+    tok.save_pretrained(str(tmp_path / "model"))
+    tr = SFTTrainer(str(tmp_path / "model"), peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                    args=SFTConfig(output_dir=str(tmp_path / "out"), bf16=True, report_to="none", max_steps=1,
+                                   model_init_kwargs={"quantization_config": quant}),
+                    train_dataset=load_dataset_any("builtin:arithmetic_sft").select(range(8)))
+    dtypes = {jax.tree_util.keystr(p).split("'")[-2]: str(x.dtype)
+              for p, x in jax.tree_util.tree_leaves_with_path(tr.params)}
+    scale, codes = ("kernel_absmax", "kernel_q") if "load_in_4bit" in quant else ("kernel_scb", "kernel_int8")
+    assert dtypes[scale] == "float32" and dtypes[codes] in ("uint8", "int8")
+    assert dtypes["lora_a"] == dtypes["lora_b"] == "float32"
+    assert dtypes["scale"] == "bfloat16" and dtypes["embedding"] == "bfloat16"

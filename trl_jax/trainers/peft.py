@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from trl_jax.models.lora import (LoraSpec, adapters_are_identity, count_params, dropout_rng, reference_params,
                                  resolve_lora, trainable_names, without_adapters)
+from trl_jax.train.precision import KEEP_FP32
 from trl_jax.utils.trees import partition
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def _cast_frozen_inplace(params, trainable: frozenset, dtype) -> None:
             if isinstance(v, dict):
                 walk(v, names)
             elif (names not in trainable and jnp.issubdtype(v.dtype, jnp.floating) and v.dtype != dtype
-                  and names[-1] != "kernel_scb"):  # LLM.int8's scales stay fp32, as bitsandbytes' SCB
+                  and names[-1] not in KEEP_FP32):  # 4-/8-bit scales stay fp32, as bitsandbytes keeps them
                 node[k] = v.astype(dtype)
                 del v
 
