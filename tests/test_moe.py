@@ -7,7 +7,6 @@ Tiny configs (hidden 32, 4 experts, top 2)."""
 from __future__ import annotations
 
 import logging
-import math
 
 import flax.linen as nn
 import jax
@@ -23,6 +22,7 @@ from trl_jax.models import CausalLM, from_pretrained, router_aux_loss, save_pret
 from trl_jax.models.sharding import param_shardings
 from trl_jax.parallel import activation_sharding, make_mesh
 from trl_jax.utils.hlo_cost import hlo_cost
+from trl_jax.utils.jaxpr_cost import jaxpr_matmul_flops
 
 ATOL = 1e-4
 _CACHE: dict = {}
@@ -108,31 +108,6 @@ def test_ragged_dispatch_on_every_train_step_mesh(shape):
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(out[1]))  # every param gets gradient
 
 
-def _jaxpr_matmul_flops(jaxpr) -> float:
-    """Matmul FLOPs of a jaxpr: ``dot_general`` and ``ragged_dot_general`` (each row of the ragged dimension in one
-    group: the grouped matmul's work, not XLA:CPU's masked dense lowering), ``scan`` bodies times their length."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name in ("dot_general", "ragged_dot_general"):
-            lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-            if name == "dot_general":
-                (lc, _), _ = eqn.params["dimension_numbers"]
-                groups = 1
-            else:
-                dn = eqn.params["ragged_dot_dimension_numbers"]
-                (lc, _), _ = dn.dot_dimension_numbers
-                ragged_contracted = set(dn.lhs_ragged_dimensions) & set(lc)
-                groups = eqn.invars[2].aval.shape[-1] if ragged_contracted else 1
-            total += 2.0 * math.prod(out) * math.prod(lhs[i] for i in lc) / groups
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                inner = getattr(sub, "jaxpr", sub)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    total += _jaxpr_matmul_flops(inner) * (eqn.params["length"] if name == "scan" else 1)
-    return total
-
-
 def test_ragged_dispatch_does_the_routed_matmul_flops():
     """Forward + backward of one expert layer: the ragged dispatch's grouped matmuls do ``top_k / num_experts`` of
     the dense dispatch's expert FLOPs (counted on the jaxpr). XLA:CPU has no grouped matmul: JAX lowers
@@ -145,7 +120,7 @@ def test_ragged_dispatch_does_the_routed_matmul_flops():
     flops = {}
     for impl in ("dense", "ragged"):
         f = jax.grad(_layer_loss(_moe_layer(impl)[0]), argnums=(0, 1))
-        flops[impl] = (_jaxpr_matmul_flops(jax.make_jaxpr(f)(params, x).jaxpr),
+        flops[impl] = (jaxpr_matmul_flops(jax.make_jaxpr(f)(params, x).jaxpr),
                        hlo_cost(jax.jit(f).lower(params, x).compile())["matmul_flops"])
     router = flops["dense"][0] - expert_dense  # the router's dots, common to both
     assert flops["ragged"][0] == pytest.approx(router + expert_dense * k / E)

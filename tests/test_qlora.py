@@ -29,6 +29,17 @@ from trl_jax.models.quant import dequantize_kernel, quantize_kernel  # noqa: E40
 DIMS = dict(hidden_size=64, intermediate_size=128)  # input sizes multiples of the 64-element block
 
 
+def char_qwen3(model_dir) -> None:
+    """A tiny random Qwen3 (``DIMS``) with the built-in character tokenizer, saved to ``model_dir``."""
+    from trl_jax.assets import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tm = make_torch_model("qwen3", **DIMS, head_dim=16, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)
+    save_torch_model(tm, model_dir)
+    tok.save_pretrained(str(model_dir))
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("kshape,n_in", [((128, 4, 16), 1), ((4, 32, 64), 2), ((192, 64), 1)])
 def test_codes_and_dequantized_kernels_equal_bitsandbytes(quant_type, kshape, n_in):
@@ -83,12 +94,7 @@ def test_qlora_sft_loss_curve_equals_trl_peft_bitsandbytes(tmp_path):
 
     steps = 10
     model_dir = str(tmp_path / "model")
-    from trl_jax.assets import build_char_tokenizer
-    tok = build_char_tokenizer()
-    tm = make_torch_model("qwen3", **DIMS, head_dim=16, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id)
-    save_torch_model(tm, model_dir)
-    tok.save_pretrained(model_dir)
+    char_qwen3(model_dir)
     case = pt.CASES["sft-adamw"]
     ds = pt.make_dataset("sft", pt.rows_needed(case, steps))
     qcfg = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")
@@ -144,12 +150,7 @@ def test_qlora_grpo_trains_adapters_on_a_4bit_base_and_samples_with_it(tmp_path)
                       save_strategy="no", logging_steps=1, disable_tqdm=True, learning_rate=5e-2, beta=0.04,
                       model_init_kwargs={"quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}})
     model_dir = tmp_path / "model"
-    from trl_jax.assets import build_char_tokenizer
-    tok = build_char_tokenizer()
-    tm = make_torch_model("qwen3", **DIMS, head_dim=16, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id)
-    save_torch_model(tm, model_dir)
-    tok.save_pretrained(str(model_dir))
+    char_qwen3(model_dir)
     tr = GRPOTrainer(str(model_dir), reward_funcs=reward, args=args, peft_config=LoraConfig(r=4, lora_alpha=8),
                      train_dataset=load_builtin_dataset("arithmetic_prompts").select(range(8)))
     q0 = np.asarray(jax.device_get(tr.params["layers_0"]["self_attn"]["q_proj"]["kernel_q"])) if "layers_0" in \
@@ -175,17 +176,12 @@ def test_qlora_grpo_trains_adapters_on_a_4bit_base_and_samples_with_it(tmp_path)
 def test_bf16_frozen_base_keeps_the_quantization_scales_fp32(quant, tmp_path):
     """Under ``bf16`` the frozen base is held in bf16, except the 4-/8-bit scales (``kernel_absmax``,
     ``kernel_scb``): fp32, as bitsandbytes keeps them; the codes stay integers, the adapters in ``param_dtype``."""
-    from trl_jax.assets import build_char_tokenizer
     from trl_jax.configs import SFTConfig
     from trl_jax.data.loading import load_dataset_any
     from trl_jax.models.lora import LoraConfig
     from trl_jax.trainers import SFTTrainer
 
-    tok = build_char_tokenizer()
-    tm = make_torch_model("llama", **DIMS, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id)
-    save_torch_model(tm, tmp_path / "model")
-    tok.save_pretrained(str(tmp_path / "model"))
+    char_qwen3(tmp_path / "model")
     tr = SFTTrainer(str(tmp_path / "model"), peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
                     args=SFTConfig(output_dir=str(tmp_path / "out"), bf16=True, report_to="none", max_steps=1,
                                    model_init_kwargs={"quantization_config": quant}),

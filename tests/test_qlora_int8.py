@@ -9,7 +9,7 @@ Two set-up choices on the TRL side, both about TRL/bitsandbytes on CPU rather th
 * bitsandbytes 0.50.2 *trains* on CPU through ``MatMul8bitFp`` (dequantize, then a plain matmul: no activation
   quantization, "no fast int8 kernels on CPU"); on CUDA, and in eval mode everywhere, it runs ``MatMul8bitLt``
   (LLM.int8). trl_jax computes LLM.int8 always, so the TRL run routes CPU training through ``MatMul8bitLt``
-  (``force_llm_int8``: the computation TRL trains with on a GPU).
+  (``trl_jax_compare.worker.llm_int8_training``: the computation TRL trains with on a GPU).
 * TRL casts the LoRA weights of a quantized model to bf16 (its QLoRA recipe); trl_jax keeps adapters fp32 (as
   its 4-bit path does), so the comparison puts TRL's back to fp32.
 """
@@ -32,23 +32,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from model_fixtures import make_torch_model, padded_batch, save_torch_model  # noqa: E402
-from test_qlora import DIMS  # noqa: E402
+from test_qlora import DIMS, char_qwen3  # noqa: E402
 from trl_jax.models import from_pretrained  # noqa: E402
 from trl_jax.models.peft_io import load_adapter, quantize_model  # noqa: E402
 from trl_jax.models.quant import dequantize_model_params, int8_matmul, quantize_int8_kernel  # noqa: E402
-
-
-@contextlib.contextmanager
-def force_llm_int8():
-    """bitsandbytes' ``matmul`` takes ``MatMul8bitLt`` (LLM.int8, its CUDA path) in CPU training too."""
-    import bitsandbytes.autograd._functions as AF
-
-    saved = AF.MatMul8bitFp
-    AF.MatMul8bitFp = AF.MatMul8bitLt
-    try:
-        yield
-    finally:
-        AF.MatMul8bitFp = saved
+from trl_jax_compare.worker import llm_int8_training  # noqa: E402
 
 
 def _linear8bit(w: np.ndarray, b, threshold: float):
@@ -210,17 +198,12 @@ def test_8bit_lora_sft_loss_curve_equals_trl_peft_bitsandbytes(tmp_path):
 
     import test_lora_trainers as tl
     pt = tl.pt
-    from trl_jax.assets import build_char_tokenizer
     from trl_jax.configs import SFTConfig
     from trl_jax.trainers import SFTTrainer
 
     steps = 10
     model_dir = str(tmp_path / "model")
-    tok = build_char_tokenizer()
-    tm = make_torch_model("qwen3", **DIMS, head_dim=16, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id)
-    save_torch_model(tm, model_dir)
-    tok.save_pretrained(model_dir)
+    char_qwen3(model_dir)
     case = pt.CASES["sft-adamw"]
     ds = pt.make_dataset("sft", pt.rows_needed(case, steps))
     kw = pt._args_kwargs(case, steps, str(tmp_path / "trl"))
@@ -244,7 +227,7 @@ def test_8bit_lora_sft_loss_curve_equals_trl_peft_bitsandbytes(tmp_path):
     for m in trl_tr.model.modules():
         if isinstance(m, bnb.nn.Linear8bitLt):
             m.register_forward_pre_hook(lambda m, i: outlier_calls.append(bool((i[0].abs() >= 6.0).any())))
-    with contextlib.redirect_stdout(io.StringIO()), force_llm_int8():
+    with contextlib.redirect_stdout(io.StringIO()), llm_int8_training(True):
         trl_tr.train()
     assert sum(outlier_calls) >= 5, (sum(outlier_calls), len(outlier_calls))  # 20 of 140 calls here
     trl_logs = pt._step_logs(trl_tr.state.log_history)
