@@ -39,6 +39,33 @@ def as_f32(x) -> jax.Array:
     return jnp.asarray(x, dtype=jnp.float32)
 
 
+def weighted_rewards(rewards_per_func, reward_weights, num_generations: int, reward_func_names=None):
+    """The checked inputs of the group-advantage functions (GRPO, RLOO): ``rewards_per_func [N, F]`` (NaN = not
+    scored), ``reward_weights [F]`` (``None``: ones), ``N`` a multiple of ``num_generations``. Returns ``(r [N, F]
+    fp32, w [F] fp32, reward_func_names, unscorable [N] bool, weighted_sum [N])``: TRL's weighted nansum over the
+    functions, NaN where every function left the completion unscored."""
+    import chex
+
+    r = as_f32(rewards_per_func)
+    if r.ndim != 2:
+        raise ValueError(f"rewards_per_func must be [N, F] (completions x reward functions); got shape {r.shape}.")
+    n, f = r.shape
+    if num_generations < 1 or n % num_generations != 0:
+        raise ValueError(
+            f"The number of completions ({n}) must be a multiple of num_generations ({num_generations}); the "
+            "completions of one prompt must be contiguous rows."
+        )
+    w = jnp.ones((f,), jnp.float32) if reward_weights is None else as_f32(reward_weights)
+    chex.assert_shape(w, (f,))
+    if reward_func_names is None:
+        reward_func_names = [f"reward_func_{i}" for i in range(f)]
+    if len(reward_func_names) != f:
+        raise ValueError(f"Got {len(reward_func_names)} reward_func_names for {f} reward functions.")
+    unscorable = jnp.all(jnp.isnan(r), axis=1)
+    weighted_sum = jnp.where(unscorable, jnp.nan, jnp.nansum(r * w[None, :], axis=1))
+    return r, w, reward_func_names, unscorable, weighted_sum
+
+
 def reward_metrics(rewards_per_func, weighted_sum, group_std, reward_func_names) -> dict:
     """TRL's per-generation-batch reward metrics of GRPO and RLOO: ``rewards/<name>/mean|std`` of each
     function's ``[N]`` column of ``rewards_per_func [N, F]`` (NaN = not scored), ``reward`` / ``reward_std`` of

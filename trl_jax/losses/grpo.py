@@ -23,7 +23,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from trl_jax.losses.base import LossTerms, as_f32, reward_metrics
+from trl_jax.losses.base import LossTerms, as_f32, reward_metrics, weighted_rewards
 from trl_jax.ops.masking import nanmax, nanmean, nanmin, nanstd
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -90,26 +90,12 @@ def grpo_advantages(
         ``rewards/<name>/mean``, ``rewards/<name>/std``, ``reward``, ``reward_std``, ``frac_reward_zero_std``
         computed as TRL logs them (each process then keeps its own slice of the advantages).
     """
-    r = as_f32(rewards_per_func)
-    if r.ndim != 2:
-        raise ValueError(f"rewards_per_func must be [N, F] (completions x reward functions); got shape {r.shape}.")
+    r, w, reward_func_names, unscorable, weighted_sum = weighted_rewards(
+        rewards_per_func, reward_weights, num_generations, reward_func_names)
     n, f = r.shape
-    if num_generations < 1 or n % num_generations != 0:
-        raise ValueError(
-            f"The number of completions ({n}) must be a multiple of num_generations ({num_generations}); the "
-            "completions of one prompt must be contiguous rows."
-        )
-    w = jnp.ones((f,), jnp.float32) if reward_weights is None else as_f32(reward_weights)
-    chex.assert_shape(w, (f,))
-    if reward_func_names is None:
-        reward_func_names = [f"reward_func_{i}" for i in range(f)]
-    if len(reward_func_names) != f:
-        raise ValueError(f"Got {len(reward_func_names)} reward_func_names for {f} reward functions.")
     scale_rewards = resolve_scale_rewards(scale_rewards)
     g = num_generations
 
-    unscorable = jnp.all(jnp.isnan(r), axis=1)  # [N]
-    weighted_sum = jnp.where(unscorable, jnp.nan, jnp.nansum(r * w[None, :], axis=1))  # [N]
 
     if multi_objective_aggregation == "sum_then_normalize":
         rewards = weighted_sum

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 
-from trl_jax.losses.base import LossTerms, as_f32, reward_metrics
+from trl_jax.losses.base import LossTerms, as_f32, reward_metrics, weighted_rewards
 from trl_jax.ops.masking import nanmax, nanmean, nanmin, nanstd
 
 _STD_EPS = 1e-4  # TRL's guard in ``A / (std + 1e-4)``
@@ -60,22 +59,10 @@ def rloo_advantages(
         scorable one of its group, gets 0). ``metrics``: ``rewards/<name>/mean|std``, ``reward``, ``reward_std``,
         ``frac_reward_zero_std`` and, with ``beta != 0``, ``kl`` (mean per-token log ratio), as TRL logs them.
     """
-    r = as_f32(rewards_per_func)
-    if r.ndim != 2:
-        raise ValueError(f"rewards_per_func must be [N, F] (completions x reward functions); got shape {r.shape}.")
-    n, f = r.shape
     g = int(num_generations)
-    if g < 1 or n % g != 0:
-        raise ValueError(f"The number of completions ({n}) must be a multiple of num_generations ({g}).")
-    w = jnp.ones((f,), jnp.float32) if reward_weights is None else as_f32(reward_weights)
-    chex.assert_shape(w, (f,))
-    if reward_func_names is None:
-        reward_func_names = [f"reward_func_{i}" for i in range(f)]
-    if len(reward_func_names) != f:
-        raise ValueError(f"Got {len(reward_func_names)} reward_func_names for {f} reward functions.")
-
-    unscorable = jnp.all(jnp.isnan(r), axis=1)  # [N]
-    weighted_sum = jnp.where(unscorable, jnp.nan, jnp.nansum(r * w[None, :], axis=1))  # [N]
+    r, w, reward_func_names, unscorable, weighted_sum = weighted_rewards(
+        rewards_per_func, reward_weights, g, reward_func_names)
+    n = r.shape[0]
     rewards = weighted_sum
     if reward_clip_range:
         rewards = jnp.clip(rewards, reward_clip_range[0], reward_clip_range[1])
